@@ -66,10 +66,8 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
                 script = migration.path.read_text(encoding="utf-8")
                 with conn.transaction():
                     conn.execute(script)
-                    conn.execute(
-                        q["record_migration"],
-                        {"version": migration.version, "statements": script, "name": migration.name},
-                    )
+                    row = {"version": migration.version, "name": migration.name}
+                    conn.execute(q["record_migration"], {**row, "statements": script})
                 applied_now.append(migration)
         finally:
             conn.execute(q["unlock_migrations"])

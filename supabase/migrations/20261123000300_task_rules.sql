@@ -246,13 +246,14 @@ begin
       when 'pending' then new.status in ('in_progress', 'completed', 'failed', 'cancelled')
       when 'in_progress' then new.status in ('completed', 'failed', 'cancelled')
       else new.status = 'pending'
-           and current_setting('taskman.retry_task', true) = old.task_id::text
+           and coalesce(current_setting('taskman.retry_task', true), '') = old.task_id::text
     end;
-    if not legal then
+    if not coalesce(legal, false) then
       raise exception using errcode = 'PT409',
         message = format('task %s cannot move from %s to %s', old.task_id, old.status, new.status),
         hint = case when old.status in ('completed', 'failed', 'cancelled')
-                    then 'Terminal tasks change only through retry_task.' end;
+                    then 'Terminal tasks change only through retry_task.'
+                    else 'A task moves pending -> in_progress -> completed, failed or cancelled.' end;
     end if;
 
     case new.status

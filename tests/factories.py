@@ -1,0 +1,34 @@
+"""Small factories for test data, going through the public SQL API."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+USER_A = str(uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001"))
+USER_B = str(uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002"))
+
+
+def create_task(conn: psycopg.Connection, **args: Any) -> dict[str, Any]:
+    """``create_task`` called by a trusted direct connection (the worker's view)."""
+    args.setdefault("poll_url", "https://api.example.com/status/1")
+    named = ", ".join(f"{k} => %({k})s" for k in args)
+    values = {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in args.items()}
+    return conn.execute(f"select public.create_task({named}) as r", values).fetchone()["r"]
+
+
+def task_row(conn: psycopg.Connection, task_id: str) -> dict[str, Any]:
+    return conn.execute("select * from public.tasks where task_id = %s", (task_id,)).fetchone()
+
+
+def events(conn: psycopg.Connection, task_id: str) -> list[dict[str, Any]]:
+    return conn.execute(
+        "select * from public.task_events where task_id = %s order by event_id", (task_id,)
+    ).fetchall()
+
+
+def set_status(conn: psycopg.Connection, task_id: str, status: str) -> None:
+    conn.execute("update public.tasks set status = %s where task_id = %s", (status, task_id))

@@ -1,0 +1,103 @@
+"""Bad input is refused with SQLSTATE 22023, a message naming the field, and no change."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+
+from tests.factories import USER_A
+
+BAD_INPUT = [
+    ("poll_url", "ftp://files.example.com/x"),
+    ("poll_url", "javascript:alert(1)"),
+    ("poll_url", "https://" + "a" * 2100),
+    ("callback_url", "file:///etc/passwd"),
+    ("poll_method", "DELETE"),
+    ("poll_method", "TRACE"),
+    ("timeout_minutes", -5),
+    ("timeout_minutes", 0),
+    ("timeout_minutes", 10_000_000),
+    ("max_attempts", 0),
+    ("max_attempts", 100_000),
+    ("poll_interval_seconds", -1),
+    ("task_type", "has spaces"),
+    ("task_type", ""),
+    ("poll_config", json.dumps([1, 2])),
+    ("poll_config", json.dumps({"profile": "no-such-profile"})),
+    ("poll_config", json.dumps({"status_path": 42})),
+    ("poll_config", json.dumps({"completed_values": "done"})),
+    ("poll_config", json.dumps({"surprise": True})),
+    ("metadata", json.dumps({"blob": "x" * 70_000})),
+    ("metadata", json.dumps(["not", "an", "object"])),
+    ("poll_headers", json.dumps({"X-Key": 123})),
+    ("poll_headers", json.dumps({"Bad Header": "v"})),
+    ("idempotency_key", "k" * 300),
+]
+
+
+def _count(conn) -> int:
+    return conn.execute("select (select count(*) from public.tasks)"
+                        " + (select count(*) from taskman_private.task_private) as n"
+                        ).fetchone()["n"]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_INPUT)
+def test_create_task_refuses_bad_input_naming_the_field(api, conn, field, value) -> None:
+    with pytest.raises(psycopg.Error) as err:
+        api.rpc("authenticated", "create_task", USER_A, **{field: value})
+    assert err.value.sqlstate == "22023"
+    assert field in err.value.diag.message_primary
+    assert _count(conn) == 0
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_INPUT)
+def test_plain_insert_refuses_the_same_bad_input(api, conn, field, value) -> None:
+    with pytest.raises(psycopg.Error) as err, api.request("authenticated", USER_A) as cur:
+        cur.execute(f"insert into public.tasks ({field}) values (%s)", (value,))
+    assert err.value.sqlstate == "22023"
+    assert field in err.value.diag.message_primary
+    assert _count(conn) == 0
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("status", "completed"), ("result", "{}"), ("attempt_count", 5), ("error_count", 1),
+    ("progress", 50), ("lease_owner", "me"), ("deadline_at", "2030-01-01"),
+])
+def test_plain_insert_cannot_set_fields_taskman_manages(api, conn, column, value) -> None:
+    with pytest.raises(psycopg.Error) as err, api.request("authenticated", USER_A) as cur:
+        cur.execute(f"insert into public.tasks ({column}) values (%s)", (value,))
+    assert err.value.sqlstate == "22023"
+    assert _count(conn) == 0
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ({"status": "done"}, "status"),
+    ({"status": "pending"}, "status"),
+    ({"progress": 101}, "progress"),
+    ({"progress": -1}, "progress"),
+])
+def test_update_task_refuses_bad_values_and_changes_nothing(conn, args, field) -> None:
+    task = conn.execute("select public.create_task('https://api.example.com/1') as r"
+                        ).fetchone()["r"]
+    before = conn.execute("select * from public.tasks").fetchone()
+    named = ", ".join(f"{k} => %({k})s" for k in args)
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(f"select public.update_task(%(task_id)s, {named})",
+                     {"task_id": task["task_id"], **args})
+    assert err.value.sqlstate == "22023" and field in err.value.diag.message_primary
+    assert conn.execute("select * from public.tasks").fetchone() == before
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    ("select * from public.claim_due_tasks('w', 0, 60)", "batch_size"),
+    ("select * from public.claim_due_tasks('w', 10, -1)", "lease_seconds"),
+    ("select * from public.claim_due_tasks('', 10, 60)", "worker_id"),
+    ("select * from public.record_poll_results('{}')", "results"),
+    ("select * from public.record_poll_results('[{\"task_id\": null}]')", "results"),
+])
+def test_worker_functions_refuse_bad_arguments(conn, call, field) -> None:
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(call)
+    assert err.value.sqlstate == "22023" and field in err.value.diag.message_primary
