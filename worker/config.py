@@ -17,7 +17,9 @@ class Settings(BaseSettings):
 
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     concurrency: int = Field(default=100, ge=1, le=10_000, alias="TASKMAN_CONCURRENCY")
-    per_host_concurrency: int = Field(default=10, ge=1, le=1_000, alias="TASKMAN_PER_HOST_CONCURRENCY")
+    per_host_concurrency: int = Field(
+        default=10, ge=1, le=1_000, alias="TASKMAN_PER_HOST_CONCURRENCY"
+    )
     batch_size: int = Field(default=200, ge=1, le=5_000, alias="TASKMAN_BATCH_SIZE")
     lease_seconds: int = Field(default=60, ge=5, le=3_600, alias="TASKMAN_LEASE_SECONDS")
     poll_timeout_seconds: float = Field(default=30.0, gt=0, le=600, alias="TASKMAN_POLL_TIMEOUT")
