@@ -3,11 +3,6 @@
 -- task_type or poll_config.profile and may override any field in poll_config.
 -- Operators add their own profiles with a plain INSERT as service_role.
 
-create schema if not exists taskman_private;
-revoke all on schema taskman_private from public;
-comment on schema taskman_private is
-  'Taskman internals: secrets, raw remote payloads and the outbox. Never exposed through PostgREST.';
-
 create table public.response_profiles (
   name text primary key
     constraint response_profiles_name_format check (name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'),

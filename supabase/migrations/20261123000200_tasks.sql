@@ -5,6 +5,11 @@
 -- plain INSERT from any PostgREST client and create_task() behave the same,
 -- explicit nulls included.
 
+create schema if not exists taskman_private;
+revoke all on schema taskman_private from public;
+comment on schema taskman_private is
+  'Taskman internals: secrets, raw remote payloads and the outbox. Never exposed through PostgREST.';
+
 create table public.tasks (
   task_id uuid primary key default gen_random_uuid(),
   user_id uuid default auth.uid(),
@@ -62,8 +67,10 @@ create index tasks_due_idx on public.tasks (next_poll_at)
 create index tasks_deadline_idx on public.tasks (deadline_at)
   where status in ('pending', 'in_progress');
 
--- Owners list their tasks newest first (RLS filters on user_id).
-create index tasks_user_created_idx on public.tasks (user_id, created_at desc);
+-- Listing newest first with keyset pagination on (created_at, task_id): for
+-- owners (RLS adds user_id = auth.uid()) and for the service, which sees all.
+create index tasks_user_created_idx on public.tasks (user_id, created_at desc, task_id desc);
+create index tasks_created_idx on public.tasks (created_at desc, task_id desc);
 
 -- Idempotency: one task per (owner, key). Tasks without an owner share one
 -- namespace, the service's.

@@ -239,7 +239,18 @@ begin
     new.poll_headers := null;
   end if;
   new.poll_method := upper(new.poll_method);
-  perform taskman_private.validate_task(new, old, false);
+  -- Claims and lease changes touch no caller-supplied column: skip the checks.
+  if (new.poll_url, new.callback_url, new.poll_method, new.task_type, new.external_id,
+      new.idempotency_key, new.poll_interval_seconds, new.max_attempts, new.timeout_minutes,
+      new.poll_config, new.poll_body, new.metadata, new.progress, new.progress_message,
+      new.error_message, new.result)
+     is distinct from
+     (old.poll_url, old.callback_url, old.poll_method, old.task_type, old.external_id,
+      old.idempotency_key, old.poll_interval_seconds, old.max_attempts, old.timeout_minutes,
+      old.poll_config, old.poll_body, old.metadata, old.progress, old.progress_message,
+      old.error_message, old.result) then
+    perform taskman_private.validate_task(new, old, false);
+  end if;
 
   if new.status is distinct from old.status then
     legal := case old.status
