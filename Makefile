@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 dev: $(STAMP)
-	$(BIN)/taskman dev
+	$(BIN)/taskman dev --demo
 
 test: $(STAMP)
 	$(BIN)/ruff check worker tests bench
@@ -28,6 +28,9 @@ migrate: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.claim
 	$(BIN)/python -m bench.create
+	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.worker_latency
+	$(BIN)/python -m bench.worker_memory
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .hypothesis

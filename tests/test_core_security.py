@@ -122,7 +122,7 @@ def test_service_role_reads_private_task_data(api, world) -> None:
 
 
 WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_tasks",
-                    "release_tasks"}
+                    "release_tasks", "claim_outbox", "record_outbox_results"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats"}
 
 
@@ -135,7 +135,8 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     grants = {r["proname"]: (r["anon"], r["authenticated"], r["service"]) for r in rows}
     expected = {name: (False, False, True) for name in WORKER_FUNCTIONS}
     expected |= {name: (False, True, True) for name in USER_FUNCTIONS}
-    expected["update_task"] = (True, True, True)  # callback-token holders
+    # Callback-token holders (checked inside before anything is read or changed).
+    expected["update_task"] = expected["callback_profile"] = (True, True, True)
     assert grants == expected
 
 
@@ -243,3 +244,14 @@ class TestCallbackToken:
                                    " and to_status = 'completed' and event_type = 'status_changed'",
                                    (task["task_id"],)).fetchone()["n"]
         assert transitions == 1
+
+
+def test_a_third_partys_failure_text_stays_service_side(api, conn) -> None:
+    task = api.rpc("authenticated", "create_task", USER_A)
+    api.rpc("anon", "update_task", task_id=task["task_id"], status="failed",
+            error_message=RAW_BODY, callback_token=task["callback_token"])
+    seen = api.rpc("authenticated", "get_task_status", USER_A, task_id=task["task_id"])
+    assert seen["error_message"] == "The remote job reported that it failed."
+    kept = conn.execute("select last_error from taskman_private.task_private where task_id = %s",
+                        (task["task_id"],)).fetchone()
+    assert kept["last_error"] == RAW_BODY

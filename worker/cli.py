@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from worker import migrate as migrations
 from worker.config import Settings
+from worker.task_commands import CommandError, add_task_commands
+
+DEFAULT_PORT = 8080
 
 
 def database_url(settings: Settings) -> str:
@@ -17,17 +22,72 @@ def database_url(settings: Settings) -> str:
         return settings.database_url
     from worker.embedded import embedded_database_url
 
+    print("Using the embedded PostgreSQL (DATABASE_URL is not set)...", file=sys.stderr)
     return embedded_database_url()
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     applied = migrations.migrate(database_url(settings))
-    if applied:
-        for migration in applied:
-            print(f"applied {migration.version} {migration.name}")
-    else:
+    for migration in applied:
+        print(f"applied {migration.version} {migration.name}")
+    if not applied:
         print("database is up to date")
     return 0
+
+
+def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker.edge import create_app
+
+    app = create_app(settings, database_url(settings))
+    # Open /events streams would hold a graceful shutdown forever; give them a few seconds.
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.logs import configure_logging
+    from worker.service import serve_worker
+
+    configure_logging(args.log_format)
+    serve_worker(settings, database_url(settings))
+    return 0
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dev import run_dev
+    from worker.logs import configure_logging
+
+    configure_logging("text")
+    conninfo = database_url(settings)
+    for migration in migrations.migrate(conninfo):
+        print(f"  applied migration {migration.version} {migration.name}")
+    run_dev(settings, conninfo, args.host, args.port, args.demo)
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.demo import REMOTE_PREFIX
+    from worker.dev import create_demo_tasks
+
+    created = create_demo_tasks(database_url(settings), args.edge_url.rstrip("/") + REMOTE_PREFIX)
+    print(f"{created} demo tasks created; watch them at {args.edge_url}" if created
+          else "demo tasks are already running")
+    return 0
+
+
+def _with_database(handler: Callable[[str, argparse.Namespace], int]) -> Callable[..., int]:
+    """Adapt a task command to the CLI: resolve the database, print refusals."""
+
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        try:
+            return handler(database_url(settings), args)
+        except CommandError as exc:
+            print(f"taskman {args.command}: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,9 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taskman", description="Track long-running asynchronous jobs on Postgres."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser(
+        "dev", help="database, migrations, worker and edge in one process, for trying Taskman")
+    dev.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
+    dev.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port (%(default)s)")
+    dev.add_argument("--demo", action="store_true",
+                     help="create sample tasks against a built-in simulated remote")
+    dev.set_defaults(run=cmd_dev)
+
     commands.add_parser("migrate", help="apply pending database migrations").set_defaults(
-        run=cmd_migrate
-    )
+        run=cmd_migrate)
+
+    worker = commands.add_parser("worker", help="claim, poll and record tasks until SIGTERM")
+    worker.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log lines as plain text or one JSON object each (%(default)s)")
+    worker.set_defaults(run=cmd_worker)
+
+    edge = commands.add_parser("edge", help="serve the HTTP API, callbacks and dashboard")
+    edge.add_argument("--host", default="127.0.0.1", help="listen address (%(default)s)")
+    edge.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port (%(default)s)")
+    edge.set_defaults(run=cmd_edge)
+
+    demo = commands.add_parser(
+        "demo", help="create sample tasks against the simulated remote of a running `taskman dev`")
+    demo.add_argument("--edge-url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                      help="where `taskman dev` listens (%(default)s)")
+    demo.set_defaults(run=cmd_demo)
+
+    add_task_commands(commands, _with_database)
     return parser
 
 
@@ -46,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()
-    except ValidationError as exc:
+    except (ValidationError, SettingsError) as exc:
         print(f"taskman: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     return args.run(settings, args)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -27,11 +29,56 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1_024, le=104_857_600, alias="TASKMAN_MAX_RESPONSE_BYTES"
     )
     allow_private_networks: bool = Field(default=False, alias="TASKMAN_ALLOW_PRIVATE_NETWORKS")
-    allowed_hosts: frozenset[str] = Field(default=frozenset(), alias="TASKMAN_ALLOWED_HOSTS")
+    allowed_hosts: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(), alias="TASKMAN_ALLOWED_HOSTS"
+    )
 
-    @field_validator("allowed_hosts", mode="before")
+
+    # The edge (taskman edge): who may call it and how much it accepts.
+    api_keys: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(), alias="TASKMAN_API_KEYS"
+    )
+    jwt_secret: SecretStr | None = Field(default=None, alias="SUPABASE_JWT_SECRET")
+    jwt_audience: str = Field(default="authenticated", alias="SUPABASE_JWT_AUDIENCE")
+    edge_pool_size: int = Field(default=10, ge=1, le=200, alias="TASKMAN_EDGE_POOL_SIZE")
+    edge_max_body_bytes: int = Field(
+        default=2_097_152, ge=1_024, le=104_857_600, alias="TASKMAN_EDGE_MAX_BODY_BYTES"
+    )
+
+    # Notifications: Slack alerts and signed completion callbacks, through the outbox.
+    slack_webhook_url: SecretStr | None = Field(default=None, alias="SLACK_WEBHOOK_URL")
+    slack_bot_token: SecretStr | None = Field(default=None, alias="SLACK_BOT_TOKEN")
+    slack_channel: str | None = Field(default=None, alias="SLACK_CHANNEL")
+    slack_api_url: str = Field(default="https://slack.com/api/", alias="SLACK_API_URL")
+    callback_secret: SecretStr | None = Field(default=None, alias="TASKMAN_CALLBACK_SECRET")
+    callback_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, alias="TASKMAN_CALLBACK_TIMEOUT"
+    )
+    outbox_batch_size: int = Field(default=100, ge=1, le=5_000, alias="TASKMAN_OUTBOX_BATCH_SIZE")
+    outbox_max_attempts: int = Field(
+        default=12, ge=1, le=1_000, alias="TASKMAN_OUTBOX_MAX_ATTEMPTS"
+    )
+    outbox_retry_base_seconds: float = Field(
+        default=5.0, gt=0, le=3_600, alias="TASKMAN_OUTBOX_RETRY_BASE"
+    )
+    outbox_retry_max_seconds: float = Field(
+        default=3_600.0, gt=0, le=86_400, alias="TASKMAN_OUTBOX_RETRY_MAX"
+    )
+
+    @field_validator("allowed_hosts", "api_keys", mode="before")
     @classmethod
-    def _split_hosts(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
+        """``a, b`` in the environment is the set {a, b}."""
         if isinstance(value, str):
-            return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+            return frozenset(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    # The worker (taskman worker): retry timing and shutdown.
+    retry_base_seconds: float = Field(default=2.0, gt=0, le=3_600, alias="TASKMAN_RETRY_BASE")
+    retry_max_seconds: float = Field(default=300.0, gt=0, le=86_400, alias="TASKMAN_RETRY_MAX")
+    max_poll_interval_seconds: float = Field(
+        default=600.0, ge=1, le=86_400, alias="TASKMAN_MAX_POLL_INTERVAL"
+    )
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, le=3_600, alias="TASKMAN_SHUTDOWN_GRACE"
+    )

@@ -124,7 +124,8 @@ $$;
 
 -- For service_role, or for anyone holding the task's callback token (a remote
 -- reporting back). Repeating the task's current terminal status is a no-op, so
--- a receiver's retried callback does not fail.
+-- a receiver's retried callback does not fail. A token holder's error_message
+-- is remote text: it is kept service-only and users get the neutral sentence.
 create function public.update_task(
   task_id uuid,
   status text default null,
@@ -177,12 +178,19 @@ begin
     status = coalesce(update_task.status, x.status),
     result = coalesce(update_task.result, x.result),
     error_code = case when update_task.status = 'failed' then 'remote_failed' else x.error_code end,
-    error_message = case when update_task.status = 'failed' then update_task.error_message
-                         else x.error_message end,
+    error_message = case when update_task.status = 'failed' and by_service
+                         then update_task.error_message else x.error_message end,
     progress = coalesce(update_task.progress, x.progress),
     progress_message = coalesce(update_task.progress_message, x.progress_message)
   where x.task_id = update_task.task_id
   returning * into t;
+
+  if not by_service and update_task.error_message is not null then
+    insert into taskman_private.task_private as p (task_id, last_error)
+    values (t.task_id, left(update_task.error_message, 4000))
+    on conflict on constraint task_private_pkey
+    do update set last_error = excluded.last_error, updated_at = now();
+  end if;
 
   insert into public.task_events (task_id, user_id, event_type, to_status, detail)
   values (t.task_id, t.user_id, 'callback_received', t.status,

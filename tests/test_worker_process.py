@@ -1,0 +1,121 @@
+"""``taskman worker`` as a process: crashes, graceful shutdown, several workers, bad config."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.remote_api import RemoteAPI, Reply, remote_api
+from tests.worker_harness import start_worker_process, wait_until
+
+DONE = Reply(json={"status": "done", "result": {"ok": True}})
+# Slow polls must neither time out nor take every slot of the one test host.
+PATIENT = {"TASKMAN_POLL_TIMEOUT": "120", "TASKMAN_PER_HOST_CONCURRENCY": "50"}
+
+
+@pytest.fixture
+def remote() -> Iterator[RemoteAPI]:
+    with remote_api() as api:
+        yield api
+
+
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen]]:
+    """Worker processes started by a test; killed at its end if still running."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+def insert_tasks(conn: psycopg.Connection, urls: list[str]) -> list[str]:
+    """Create one task a URL in one statement (one transaction, so one wake-up)."""
+    rows = conn.execute("insert into public.tasks (poll_url) select unnest(%s::text[])"
+                        " returning task_id", (urls,)).fetchall()
+    return [str(r["task_id"]) for r in rows]
+
+
+def count_status(conn: psycopg.Connection, status: str) -> int:
+    return conn.execute("select count(*) as n from public.tasks where status = %s",
+                        (status,)).fetchone()["n"]
+
+
+def listening_workers(conn: psycopg.Connection) -> int:
+    return conn.execute(
+        "select count(*) as n from pg_stat_activity where datname = current_database()"
+        " and application_name = 'taskman-worker-listen'").fetchone()["n"]
+
+
+def test_tasks_of_a_killed_worker_are_finished_by_another_exactly_once(
+        conn, database_url, remote, workers) -> None:
+    slow = [remote.script(f"/slow/{i}", Reply(delay=60, json={"status": "done"}), DONE)
+            for i in range(10)]
+    fast = [remote.script(f"/fast/{i}", DONE) for i in range(10)]
+    task_ids = insert_tasks(conn, slow + fast)
+    workers.append(start_worker_process(database_url, TASKMAN_LEASE_SECONDS="5", **PATIENT))
+    wait_until(lambda: count_status(conn, "completed") == 10
+               and all(remote.hits(f"/slow/{i}") for i in range(10)))
+    workers[0].kill()  # kill -9 with ten polls in flight
+    workers[0].wait()
+
+    workers.append(start_worker_process(database_url, TASKMAN_LEASE_SECONDS="5", **PATIENT))
+    wait_until(lambda: count_status(conn, "completed") == 20, timeout=30)
+    endings = conn.execute(
+        "select task_id, count(*) as n from public.task_events"
+        " where to_status in ('completed', 'failed', 'cancelled') group by task_id").fetchall()
+    assert sorted(str(r["task_id"]) for r in endings) == sorted(task_ids)
+    assert all(r["n"] == 1 for r in endings)
+    assert all(len(remote.hits(f"/slow/{i}")) == 2 for i in range(10))
+
+
+def test_two_workers_never_poll_the_same_task_twice(conn, database_url, remote,
+                                                    workers) -> None:
+    for _ in range(2):
+        workers.append(start_worker_process(database_url, TASKMAN_BATCH_SIZE="10"))
+    wait_until(lambda: listening_workers(conn) == 2)
+    paths = [f"/jobs/{i}" for i in range(300)]
+    insert_tasks(conn, [remote.script(p, Reply(delay=0.01, json={"status": "done"}))
+                        for p in paths])
+    wait_until(lambda: count_status(conn, "completed") == 300, timeout=60)
+    assert [p for p in paths if len(remote.hits(p)) != 1] == []
+
+
+def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
+        conn, database_url, remote, workers) -> None:
+    quick = [remote.script(f"/quick/{i}", Reply(delay=1, json={"status": "done"}))
+             for i in range(5)]
+    stuck = [remote.script(f"/stuck/{i}", Reply(delay=60, json={"status": "done"}))
+             for i in range(5)]
+    insert_tasks(conn, quick + stuck)
+    process = start_worker_process(database_url, "--log-format", "json",
+                                   TASKMAN_SHUTDOWN_GRACE="3", **PATIENT)
+    workers.append(process)
+    wait_until(lambda: all(remote.hits(f"/{kind}/{i}") for kind in ("quick", "stuck")
+                           for i in range(5)))
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    assert time.monotonic() - signalled < 3 + 1.5
+
+    assert count_status(conn, "completed") == 5
+    leftover = conn.execute("select status, lease_owner, next_poll_at <= now() as due"
+                            " from public.tasks where status <> 'completed'").fetchall()
+    assert leftover == [{"status": "pending", "lease_owner": None, "due": True}] * 5
+    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    assert any("released 5 unfinished tasks" in entry["message"] for entry in logs)
+
+
+def test_invalid_configuration_names_the_setting_and_exits_2(database_url) -> None:
+    process = start_worker_process(database_url, TASKMAN_CONCURRENCY="0")
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "TASKMAN_CONCURRENCY" in stderr

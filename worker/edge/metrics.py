@@ -1,0 +1,101 @@
+"""Prometheus metrics of the edge: requests by route and status, latency, tasks by status.
+
+Each app has its own registry, so several apps in one process (tests) do not clash.
+Task counts are computed when Prometheus scrapes, not kept up to date in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from psycopg_pool import ConnectionPool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from worker import db
+from worker.edge.auth import SERVICE
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+
+
+class TaskStatusCollector(Collector):
+    """``taskman_tasks{status}`` and ``taskman_database_up``, read at scrape time."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("taskman_database_up", "1 if the edge could query the database.")
+        tasks = GaugeMetricFamily("taskman_tasks", "Tasks by status.", labels=["status"])
+        try:
+            with self._pool.connection(timeout=5) as conn, db.api_session(
+                conn, SERVICE.role, SERVICE.claims
+            ) as cur:
+                rows = cur.execute(db.queries()["edge_tasks_by_status"]).fetchall()
+            counts = {r["status"]: r["n"] for r in rows}
+        except Exception as exc:  # a scrape must answer even when the database does not
+            log.warning("metrics: cannot count tasks: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for status in STATUSES:
+            tasks.add_metric([status], counts.get(status, 0))
+        yield tasks
+
+
+class EdgeMetrics:
+    """The registry of one app and the instruments the middleware updates."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "taskman_edge_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "taskman_edge_request_duration_seconds",
+            "Time to answer (for /events: the stream's lifetime), by method and route template.",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.registry.register(TaskStatusCollector(pool))
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request, labelled by route template (not raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: EdgeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)

@@ -1,0 +1,367 @@
+"""The edge's routes: tasks, the seed's n8n webhooks, third-party callbacks, stats, health.
+
+Every route runs its SQL through ``db.api_session`` as the caller's role with the
+caller's claims, so the database's RLS and functions decide exactly as under
+PostgREST; the routes only translate HTTP to function calls and back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+import psycopg
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from worker import db
+from worker.edge.auth import ANONYMOUS, Caller, Principal
+from worker.edge.callbacks import plain_report, report_from_profile
+from worker.edge.errors import ApiError, error_responses, not_found
+from worker.edge.models import (
+    CallbackAck,
+    CreatedTask,
+    DateTimeParam,
+    EventPage,
+    Health,
+    Stats,
+    Status,
+    Task,
+    TaskCreate,
+    TaskPage,
+    TaskPatch,
+    TaskReport,
+    TaskStatus,
+    TaskUpdate,
+)
+from worker.edge.sse import event_stream
+
+# The only query parameter that may be repeated (?status=failed&status=cancelled).
+_LIST_PARAMETERS = frozenset({"status"})
+
+
+def _single_valued_query(request: Request) -> None:
+    """Refuse a repeated scalar parameter rather than silently keep one of its values."""
+    params = request.query_params
+    for name in params:
+        if name not in _LIST_PARAMETERS and len(params.getlist(name)) > 1:
+            raise ApiError(422, "invalid_argument", f"{name}: give it at most once", name)
+
+
+AUTHED = error_responses(400, 401, 403, 413, 422, 503)
+_checked = [Depends(_single_valued_query)]
+router = APIRouter(responses=AUTHED, dependencies=_checked)
+seed_router = APIRouter(responses=AUTHED, tags=["seed webhooks"], dependencies=_checked)
+public_router = APIRouter()
+
+TaskId = Annotated[UUID, Path(description="The task's id.")]
+
+
+@contextmanager
+def _session(request: Request, principal: Principal) -> Iterator[psycopg.Cursor]:
+    """One transaction as ``principal``, on a pooled connection."""
+    pool: ConnectionPool = request.app.state.pool
+    with pool.connection() as conn, db.api_session(conn, principal.role, principal.claims) as cur:
+        yield cur
+
+
+def _fetch(cur: psycopg.Cursor, query: str, **params: Any) -> dict[str, Any] | None:
+    return cur.execute(db.queries()[query], params).fetchone()
+
+
+def _call(request: Request, principal: Principal, query: str, **params: Any) -> Any:
+    """Run a one-row, one-column query as ``principal`` and return that value."""
+    with _session(request, principal) as cur:
+        row = _fetch(cur, query, **params)
+    return next(iter(row.values())) if row else None
+
+
+def _jsonb(value: Any) -> Jsonb | None:
+    """A JSON argument; None stays SQL NULL ("not given"), not JSON null."""
+    return None if value is None else Jsonb(value)
+
+
+def _create(request: Request, principal: Principal, body: TaskCreate, response: Response) -> Any:
+    args = body.model_dump()
+    for name in ("poll_headers", "poll_body", "poll_config", "metadata"):
+        args[name] = _jsonb(args[name])
+    task = _call(request, principal, "edge_create_task", **args)
+    response.status_code = 200 if task.get("idempotent_replay") else 201
+    return task
+
+
+def _report_args(report: TaskReport) -> dict[str, Any]:
+    args = report.model_dump(include=set(TaskReport.model_fields))
+    args["result"] = _jsonb(args["result"])
+    return args
+
+
+# --- tasks -------------------------------------------------------------------------------
+
+
+@router.post(
+    "/tasks",
+    response_model=CreatedTask,
+    status_code=201,
+    summary="Create a task",
+    responses={200: {"model": CreatedTask, "description": "Idempotent replay: the existing task."}},
+)
+def create_task(request: Request, caller: Caller, body: TaskCreate, response: Response) -> Any:
+    """Register a task to poll (``poll_url``) or to wait for a callback. The answer carries
+    the plain ``callback_token`` once; with an ``idempotency_key`` already used by the
+    caller, the existing task comes back (200) instead of a new one."""
+    return _create(request, caller, body, response)
+
+
+def _encode_cursor(task: Mapping[str, Any]) -> str:
+    raw = f"{task['created_at']}|{task['task_id']}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, task_id = raw.split("|")
+        return datetime.fromisoformat(created_at), UUID(task_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ApiError(
+            422, "invalid_argument", "cursor is not one this API returned", "cursor"
+        ) from None
+
+
+@router.get("/tasks", response_model=TaskPage, summary="List tasks")
+def list_tasks(
+    request: Request,
+    caller: Caller,
+    status: Annotated[list[Status] | None, Query(description="Repeat for several.")] = None,
+    task_type: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00]*$")] = None,
+    created_from: Annotated[
+        DateTimeParam | None,
+        Query(alias="from", description="created_at at or after (inclusive)."),
+    ] = None,
+    created_to: Annotated[
+        DateTimeParam | None, Query(alias="to", description="created_at before (exclusive).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="From next_cursor.")] = None,
+) -> Any:
+    """The caller's tasks (all of them for the service), newest first, a page at a time.
+    Pagination is by keyset: pass the answer's ``next_cursor`` as ``cursor`` for the next,
+    older page; pages stay consistent while new tasks arrive."""
+    before_created_at, before_task_id = _decode_cursor(cursor) if cursor else (None, None)
+    with _session(request, caller) as cur:
+        rows = cur.execute(
+            db.queries()["edge_list_tasks"],
+            {
+                "statuses": status,
+                "task_type": task_type,
+                "created_from": created_from,
+                "created_to": created_to,
+                "before_created_at": before_created_at,
+                "before_task_id": before_task_id,
+                "limit": limit + 1,
+            },
+        ).fetchall()
+    tasks = [r["task"] for r in rows[:limit]]
+    next_cursor = _encode_cursor(tasks[-1]) if len(rows) > limit else None
+    return {"tasks": tasks, "next_cursor": next_cursor}
+
+
+@router.get("/tasks/{task_id}", response_model=Task, summary="Read a task",
+            responses=error_responses(404))
+def get_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
+    task = _call(request, caller, "edge_get_task", task_id=task_id)
+    if task is None:
+        raise not_found(f"task {task_id}")
+    return task
+
+
+@router.patch("/tasks/{task_id}", response_model=Task, summary="Change a task",
+              responses=error_responses(404, 409))
+def patch_task(request: Request, caller: Caller, task_id: TaskId, body: TaskPatch) -> Any:
+    """Owners may replace ``metadata`` only. The service may also report status, result,
+    progress and error message, as ``update_task`` (illegal transitions are 409)."""
+    report = body.model_dump(include=set(TaskReport.model_fields), exclude_none=True)
+    if report and not caller.is_service:
+        raise ApiError(
+            403,
+            "forbidden",
+            "Owners may change metadata only; status and results come from the remote, "
+            "or through cancel and retry.",
+        )
+    if not report and body.metadata is None:
+        raise ApiError(422, "invalid_argument", "Nothing to change: send metadata or a report.")
+    task = None
+    with _session(request, caller) as cur:
+        if report:
+            task = _fetch(cur, "edge_update_task", task_id=task_id, callback_token=None,
+                          **_report_args(body))["task"]
+        if body.metadata is not None:
+            row = _fetch(cur, "edge_set_metadata", task_id=task_id, metadata=Jsonb(body.metadata))
+            task = row["task"] if row else None
+    if task is None:
+        raise not_found(f"task {task_id}")
+    return task
+
+
+@router.get("/tasks/{task_id}/events", response_model=EventPage, summary="A task's history",
+            responses=error_responses(404))
+def task_events(
+    request: Request,
+    caller: Caller,
+    task_id: TaskId,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="From next_after.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1_000)] = 200,
+) -> Any:
+    """The task's events, oldest first, a page at a time (``after`` an event id)."""
+    with _session(request, caller) as cur:
+        if not _fetch(cur, "edge_task_visible", task_id=task_id)["visible"]:
+            raise not_found(f"task {task_id}")
+        params = {"task_id": task_id, "after": after, "limit": limit + 1}
+        rows = cur.execute(db.queries()["edge_task_events"], params).fetchall()
+    events = rows[:limit]
+    return {"events": events, "next_after": events[-1]["event_id"] if len(rows) > limit else None}
+
+
+@router.post("/tasks/{task_id}/cancel", response_model=Task, summary="Cancel a task",
+             responses=error_responses(404, 409))
+def cancel_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
+    return _call(request, caller, "edge_cancel_task", task_id=task_id)
+
+
+@router.post("/tasks/{task_id}/retry", response_model=Task, summary="Retry a task",
+             responses=error_responses(404, 409))
+def retry_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
+    """Run a failed or cancelled task again, with fresh counters and deadline."""
+    return _call(request, caller, "edge_retry_task", task_id=task_id)
+
+
+@router.get("/stats", response_model=Stats, summary="Figures over the caller's tasks")
+def stats(
+    request: Request,
+    caller: Caller,
+    since: Annotated[DateTimeParam | None, Query(description="Default: 7 days ago.")] = None,
+) -> Any:
+    return _call(request, caller, "edge_task_stats", since=since)
+
+
+# --- the seed's n8n routes -----------------------------------------------------------------
+
+
+@seed_router.post(
+    "/create-task",
+    response_model=CreatedTask,
+    status_code=201,
+    summary="Create a task (the seed's webhook)",
+    responses={200: {"model": CreatedTask, "description": "Idempotent replay: the existing task."}},
+)
+def seed_create_task(request: Request, caller: Caller, body: TaskCreate, response: Response) -> Any:
+    """Same as ``POST /tasks``; answers the full task with its generated ``task_id``."""
+    return _create(request, caller, body, response)
+
+
+@seed_router.get("/task-status/{task_id}", response_model=TaskStatus,
+                 summary="A task's status (the seed's webhook)", responses=error_responses(404))
+def seed_task_status(request: Request, caller: Caller, task_id: TaskId) -> Any:
+    return _call(request, caller, "edge_get_task_status", task_id=task_id)
+
+
+@seed_router.post("/update-task/{task_id}", response_model=Task,
+                  summary="Report on a task (the seed's webhook)",
+                  responses=error_responses(404, 409))
+def seed_update_task(request: Request, caller: Caller, task_id: TaskId, body: TaskUpdate) -> Any:
+    """``update_task``: with an API key as the service; otherwise the body must carry the
+    task's ``callback_token``."""
+    return _call(request, caller, "edge_update_task", task_id=task_id,
+                 callback_token=body.callback_token, **_report_args(body))
+
+
+# --- callbacks from third parties -----------------------------------------------------------
+
+_ANY_JSON = {"content": {"application/json": {"schema": {}}}}
+
+
+@public_router.post(
+    "/callbacks/{task_id}",
+    response_model=CallbackAck,
+    summary="A third party reports on a task (token in the query string)",
+    responses=error_responses(400, 403, 409, 413, 422, 503),
+    openapi_extra={"requestBody": {"required": False, **_ANY_JSON}},
+    dependencies=_checked,
+)
+async def callback(
+    request: Request,
+    task_id: TaskId,
+    token: Annotated[str, Query(min_length=1, max_length=200, pattern=r"^[!-~]+$",
+                                description="The task's callback_token.")],
+) -> Any:
+    """For remotes that cannot send headers. The body is read as ``{status, result,
+    error_message, progress, progress_message}``; anything else is read with the task's
+    response profile, as a poll answer would be. A wrong token is 403 and changes nothing."""
+    raw = await request.body()
+    return await run_in_threadpool(_apply_callback, request, task_id, token, raw)
+
+
+def _apply_callback(request: Request, task_id: UUID, token: str, raw: bytes) -> dict[str, Any]:
+    report, problem = plain_report(raw)
+    if report is None:
+        # Reading the profile checks the token: a wrong one is 403 before anything is read.
+        profile = _call(request, ANONYMOUS, "edge_callback_profile", task_id=task_id,
+                        callback_token=token)
+        report = report_from_profile(profile, request.headers, raw, problem)
+    task = _call(request, ANONYMOUS, "edge_update_task", task_id=task_id, callback_token=token,
+                 **_report_args(report))
+    return {"task_id": task["task_id"], "status": task["status"]}
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@public_router.get("/healthz", response_model=Health, summary="Liveness and database check",
+                   responses=error_responses(503))
+def healthz(request: Request) -> Any:
+    try:
+        with request.app.state.pool.connection(timeout=5) as conn:
+            conn.execute(db.queries()["edge_ping"])
+    except psycopg.Error:
+        raise ApiError(503, "database_unavailable", "The database is unavailable.") from None
+    return {"status": "ok", "database": "ok"}
+
+
+@public_router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/events",
+    summary="Task changes as Server-Sent Events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def events(request: Request, caller: Caller) -> StreamingResponse:
+    """``event: task`` with ``{task_id, status, user_id}`` for every change the caller may
+    see (a user: their own tasks; the service: all). A ``: connected`` comment comes once
+    the subscription is live, and a keep-alive comment when nothing happens."""
+    stream = event_stream(request.app.state.hub, caller, request.app.state.keepalive_seconds)
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+

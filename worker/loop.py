@@ -1,0 +1,415 @@
+"""The worker service: claim due tasks, poll them concurrently, record outcomes in batches.
+
+One asyncio loop runs a few long-lived coroutines beside the polls themselves:
+
+- the claimer claims as many due tasks as there are free poll slots, then sleeps until
+  a NOTIFY on ``taskman`` says a task is new (or retried), or the next one falls due;
+- each claimed task is polled in its own coroutine, within the global limit
+  (``concurrency``) and its host's limit (``per_host_concurrency``);
+- the recorder writes finished polls with one ``record_poll_results`` call a batch;
+- periodic jobs: the overdue sweep, and whatever else is given (the outbox deliverer).
+
+Database errors never end the loop: each coroutine retries with backoff, and the pool
+replaces broken connections, so a database restart is a pause, not a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from worker import backoff
+from worker.config import Settings
+from worker.db import queries
+from worker.metrics import WorkerMetrics
+from worker.poller import ClaimedTask, Poller, make_clients
+
+log = logging.getLogger(__name__)
+
+# With nothing due, look again at least this often (a safety net under NOTIFY).
+MAX_IDLE_SECONDS = 5.0
+# Outcomes wait at most this long for others to share their record_poll_results call,
+# and only while other polls are still running.
+RECORD_DELAY_SECONDS = 0.005
+RECORD_BATCH = 1_000
+SWEEP_INTERVAL_SECONDS = 5.0
+# Shutdown: how long the last records and the release of leases may take.
+SHUTDOWN_DB_SECONDS = 5.0
+# After a database error: wait 0.1 s plus a full-jitter backoff from 0.2 s, at most 5 s.
+_DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
+_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
+
+
+@dataclass(frozen=True)
+class PeriodicJob:
+    """Work the worker runs every `interval_seconds` besides polling.
+
+    `run_once` does one round (e.g. deliver the due outbox rows) on a connection from
+    the worker's pool (autocommit); an exception is logged and the job runs again at
+    its next interval.
+    """
+
+    name: str
+    interval_seconds: float
+    run_once: Callable[[psycopg.AsyncConnection], Awaitable[object]]
+
+
+def new_worker_id() -> str:
+    """``hostname-pid-random``: unique per process, and says where a lease came from."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Worker:
+    """One worker process's loop. Any number of them may share a database."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        conninfo: str,
+        *,
+        jobs: Sequence[PeriodicJob] = (),
+        worker_id: str | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.conninfo = conninfo
+        self.worker_id = worker_id or new_worker_id()
+        self.metrics = metrics or WorkerMetrics()
+        self.jobs = [PeriodicJob("expire_overdue_tasks", SWEEP_INTERVAL_SECONDS,
+                                 self.expire_overdue_tasks), *jobs]
+        self._queries = queries()
+        # The pool, clients and poller exist while run() runs, inside its event loop.
+        self._pool: AsyncConnectionPool
+        self._clients: list[httpx.AsyncClient]
+        self._poller: Poller
+        self._hosts = _HostLimits(settings.per_host_concurrency)
+        self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
+        self._polling = 0  # polls not yet finished (slots in use)
+        self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._claimer_wakes_at = 0.0  # monotonic; 0 while the claimer is not sleeping
+        self._outcomes: list[dict[str, Any]] = []
+        self._outcome_added = asyncio.Event()
+        self._draining = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then shut down gracefully.
+
+        Shutdown: stop claiming, give in-flight polls up to ``shutdown_grace_seconds``,
+        record what finished, and release the leases of what did not.
+        """
+        log.info("worker %s starting", self.worker_id,
+                 extra={"worker_id": self.worker_id, "concurrency": self.settings.concurrency})
+        self._pool = AsyncConnectionPool(
+            # One connection each for claiming, recording and every job.
+            self.conninfo, min_size=2, max_size=2 + len(self.jobs), open=False,
+            timeout=SHUTDOWN_DB_SECONDS,
+            kwargs={"autocommit": True, "application_name": "taskman-worker"},
+        )
+        self._clients = make_clients(self.settings)
+        self._poller = Poller(self._clients, self.settings, self.worker_id)
+        await self._pool.open(wait=False)
+        background = [asyncio.create_task(self._claim_loop(), name="claim"),
+                      asyncio.create_task(self._listen_loop(), name="listen")]
+        background += [asyncio.create_task(self._job_loop(job), name=job.name)
+                       for job in self.jobs]
+        recorder = asyncio.create_task(self._record_loop(), name="record")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopping, recorder, *background],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            log.info("worker %s stopping", self.worker_id)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._finish_polls(self.settings.shutdown_grace_seconds)
+            self._draining = True
+            self._outcome_added.set()
+            try:
+                await asyncio.wait_for(recorder, SHUTDOWN_DB_SECONDS)
+            except TimeoutError:
+                log.error("could not record the last outcomes; their leases will expire")
+            await self._release_leases()
+            for task in done - {stopping}:
+                task.result()  # a loop that ended by itself is a bug: raise it
+        finally:
+            stopping.cancel()
+            recorder.cancel()
+            for client in self._clients:
+                await client.aclose()
+            await self._pool.close(SHUTDOWN_DB_SECONDS)
+        log.info("worker %s stopped", self.worker_id)
+
+    async def expire_overdue_tasks(self, conn: psycopg.AsyncConnection) -> int:
+        """Fail every live task past its deadline; returns how many."""
+        cur = await conn.execute(self._queries["worker_expire_overdue"])
+        expired = (await cur.fetchone())[0]
+        if expired:
+            log.info("expired %d overdue tasks", expired, extra={"expired": expired})
+        return expired
+
+    # Claiming -------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while True:
+            free = self.settings.concurrency - self._polling
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            # Cleared before claiming: a NOTIFY arriving during the claim wakes the wait below.
+            self._wake.clear()
+            wanted = min(self.settings.batch_size, free)
+            try:
+                claimed = await self._claim(wanted)
+                wait = 0.0 if len(claimed) == wanted else await self._seconds_until_due()
+                failures = 0
+            except _DB_ERRORS as exc:
+                failures += 1
+                wait = await self._after_db_error("claiming", exc, failures)
+            if wait > 0:
+                self._claimer_wakes_at = time.monotonic() + wait
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                self._claimer_wakes_at = 0.0
+
+    async def _claim(self, batch_size: int) -> list[ClaimedTask]:
+        started = time.perf_counter()
+        lease_ends = time.monotonic() + self.settings.lease_seconds  # no later than the DB's
+        async with self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(ClaimedTask))
+            await cur.execute(self._queries["worker_claim"], {
+                "worker_id": self.worker_id, "batch_size": batch_size,
+                "lease_seconds": self.settings.lease_seconds})
+            claimed = await cur.fetchall()
+        self.metrics.claim_latency.observe(time.perf_counter() - started)
+        for task in claimed:
+            self._start_poll(task, lease_ends)
+        return claimed
+
+    async def _seconds_until_due(self) -> float:
+        """Seconds until the next live task falls due, at most MAX_IDLE_SECONDS."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._queries["worker_seconds_until_due"])
+            seconds = (await cur.fetchone())[0]
+        if seconds is None:
+            return MAX_IDLE_SECONDS
+        # Due now but not claimed: locked by another worker's claim, so look again soon.
+        return min(MAX_IDLE_SECONDS, max(seconds, 0.01))
+
+    async def _listen_loop(self) -> None:
+        """Wake the claimer on every new (or retried) task."""
+        failures = 0
+        while True:
+            try:
+                # Keepalives: an idle listener behind a NAT or pooler that silently drops
+                # it would otherwise wait forever (the claimer's idle timer still runs).
+                async with await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, application_name="taskman-worker-listen",
+                    keepalives_idle=60, keepalives_interval=10, keepalives_count=3,
+                ) as conn:
+                    await conn.execute(self._queries["worker_listen"])
+                    failures = 0
+                    self._wake.set()  # whatever was announced while we were not listening
+                    async for notice in conn.notifies():
+                        if json.loads(notice.payload).get("status") == "pending":
+                            self._wake.set()
+            except psycopg.OperationalError as exc:
+                failures += 1
+                wait = _db_retry_delay(failures)
+                log.warning("listening for task changes failed (%s); retrying in %.1fs",
+                            exc, wait)
+                await asyncio.sleep(wait)
+
+    async def _after_db_error(self, doing: str, exc: Exception, failures: int) -> float:
+        """Log a failed round trip, drop dead pooled connections; returns how long to wait."""
+        wait = _db_retry_delay(failures)
+        log.warning("%s failed (%s); retrying in %.1fs", doing, exc, wait)
+        await self._pool.check()  # after a restart every idle connection is dead: drop all now
+        return wait
+
+    # Polling --------------------------------------------------------------------------
+
+    def _start_poll(self, task: ClaimedTask, lease_ends: float) -> None:
+        self._polling += 1
+        poll = asyncio.create_task(self._poll(task, lease_ends))
+        self._polls.add(poll)
+        poll.add_done_callback(self._poll_done)
+
+    async def _poll(self, task: ClaimedTask, lease_ends: float) -> None:
+        outcome = None
+        try:
+            async with self._hosts.limit(urlsplit(task.poll_url).netloc):
+                # A task that waited for its host past its lease may already be someone
+                # else's: leave it to them.
+                if time.monotonic() < lease_ends:
+                    outcome = await self._poller.poll(task)
+                else:
+                    log.warning("task %s waited for its host past its lease; not polled",
+                                task.task_id, extra={"task_id": str(task.task_id)})
+        finally:
+            self._polling -= 1
+            self._slot_freed.set()
+        if outcome is not None:
+            self.metrics.count_poll(outcome)
+            self._outcomes.append(outcome)
+            self._outcome_added.set()
+
+    def _poll_done(self, poll: asyncio.Task[None]) -> None:
+        self._polls.discard(poll)
+        if not poll.cancelled() and poll.exception() is not None:
+            log.error("a poll failed unexpectedly; its task is polled again when its lease "
+                      "ends", exc_info=poll.exception())
+
+    async def _finish_polls(self, grace: float) -> None:
+        """Let in-flight polls finish for up to `grace` seconds, then cancel the rest."""
+        if not self._polls:
+            return
+        log.info("waiting up to %.1fs for %d polls in flight", grace, len(self._polls))
+        _, unfinished = await asyncio.wait(set(self._polls), timeout=grace)
+        for poll in unfinished:
+            poll.cancel()
+        await asyncio.gather(*unfinished, return_exceptions=True)
+
+    # Recording ------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        """Write finished polls in batches until drained at shutdown."""
+        while True:
+            await self._outcome_added.wait()
+            if not self._outcomes and self._draining:
+                return
+            if self._polling and len(self._outcomes) < RECORD_BATCH and not self._draining:
+                await asyncio.sleep(RECORD_DELAY_SECONDS)  # let running polls join the batch
+            batch = self._outcomes[:RECORD_BATCH]
+            del self._outcomes[:RECORD_BATCH]
+            if not self._outcomes:
+                self._outcome_added.clear()
+            if batch:
+                await self._record(batch)
+                self._wake_for(batch)
+
+    def _wake_for(self, batch: list[dict[str, Any]]) -> None:
+        """Wake the claimer if a task just recorded may fall due before it would wake.
+
+        Also while it is not sleeping: it may be reading the next due time, from a
+        snapshot taken before this batch was written.
+        """
+        delays = [o.get("delay_seconds") or 0.0 for o in batch
+                  if o.get("status") not in ("completed", "failed")]
+        if delays and (not self._claimer_wakes_at
+                       or time.monotonic() + min(delays) < self._claimer_wakes_at):
+            self._wake.set()
+
+    async def _record(self, batch: list[dict[str, Any]]) -> None:
+        """Record `batch`, retrying through database outages.
+
+        An outcome the database cannot store (e.g. a result with a NUL character) would
+        refuse its whole batch: then each is recorded on its own, and one still refused
+        is recorded as an unreadable answer so its task moves on.
+        """
+        failures = 0
+        while True:
+            try:
+                await self._record_batch(batch)
+                return
+            except _DB_ERRORS as exc:
+                failures += 1
+                await asyncio.sleep(
+                    await self._after_db_error(f"recording {len(batch)} outcomes", exc, failures))
+            except psycopg.DataError as exc:
+                if len(batch) == 1:
+                    log.warning("outcome of task %s refused (%s); recorded as unreadable",
+                                batch[0]["task_id"], exc)
+                    batch = [_unstorable(batch[0], exc, self.settings.retry_base_seconds)]
+                else:
+                    for outcome in batch:
+                        await self._record([outcome])
+                    return
+            except psycopg.Error:
+                log.exception("recording %d outcomes failed; their tasks are polled again "
+                              "when their leases end", len(batch))
+                return
+
+    async def _record_batch(self, batch: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        async with self._pool.connection() as conn:
+            await conn.execute(self._queries["worker_record"], {"results": json.dumps(batch)})
+        self.metrics.record_latency.observe(time.perf_counter() - started)
+
+    async def _release_leases(self) -> None:
+        try:
+            async with asyncio.timeout(SHUTDOWN_DB_SECONDS), self._pool.connection() as conn:
+                cur = await conn.execute(self._queries["worker_release"],
+                                         {"worker_id": self.worker_id})
+                released = (await cur.fetchone())[0]
+        except (*_DB_ERRORS, TimeoutError) as exc:
+            log.error("could not release leases (%r); they expire in %ds", exc,
+                      self.settings.lease_seconds)
+            return
+        if released:
+            log.info("released %d unfinished tasks", released, extra={"released": released})
+
+    # Periodic jobs --------------------------------------------------------------------
+
+    async def _job_loop(self, job: PeriodicJob) -> None:
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    await job.run_once(conn)
+            except _DB_ERRORS as exc:
+                log.warning("%s failed (%s); next run in %.1fs", job.name, exc,
+                            job.interval_seconds)
+            except Exception:
+                log.exception("%s failed; next run in %.1fs", job.name, job.interval_seconds)
+            await asyncio.sleep(job.interval_seconds)
+
+
+class _HostLimits:
+    """One semaphore per host, kept only while some poll uses it."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self._hosts: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @asynccontextmanager
+    async def limit(self, host: str) -> AsyncIterator[None]:
+        semaphore, users = self._hosts.setdefault(
+            host, (asyncio.Semaphore(self.per_host), [0]))
+        users[0] += 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._hosts[host]
+
+
+def _db_retry_delay(failures: int) -> float:
+    return _DB_RETRY_BASE / 2 + backoff.retry_delay(
+        failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+
+
+def _unstorable(outcome: dict[str, Any], exc: psycopg.Error, delay: float) -> dict[str, Any]:
+    """`outcome` reduced to an unreadable answer: what the database refused is dropped."""
+    kept = {k: outcome.get(k) for k in ("task_id", "worker_id", "http_status", "latency_ms")}
+    return kept | {"ok": False, "error_code": "invalid_response", "delay_seconds": delay,
+                   "raw_error": f"the answer could not be stored: {exc}"}

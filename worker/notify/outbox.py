@@ -1,0 +1,161 @@
+"""The outbox dispatcher: claims due notifications, delivers them, records every attempt.
+
+Rows are written by the database in the transaction that ends a task (Slack alerts
+for failures, callbacks for every task with a ``callback_url``). The dispatcher claims
+a batch with a lease (``claim_outbox``), delivers the Slack alerts of the batch as one
+message (a digest when there are several) and the callbacks concurrently, then
+records the outcomes in one statement (``record_outbox_results``), which schedules
+retries with backoff, gives up after ``TASKMAN_OUTBOX_MAX_ATTEMPTS`` and writes
+task_events. Without Slack settings, alerts are given up at once with reason
+``slack_not_configured``, so they neither pile up nor vanish silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from worker import db
+from worker.config import Settings
+from worker.notify.callbacks import CallbackSender
+from worker.notify.delivery import Delivery
+from worker.notify.slack import SlackAlerter, alert_text
+
+MAX_LEASE_SECONDS = 3_600  # what claim_outbox accepts
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One claimed notification: ``payload`` is the task's public JSON when it ended."""
+
+    outbox_id: int
+    task_id: UUID
+    channel: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DispatchSummary:
+    """How one round went: rows claimed, and how many of them ended each way."""
+
+    claimed: int = 0
+    delivered: int = 0
+    failed: int = 0
+    given_up: int = 0
+
+
+class OutboxDispatcher:
+    """Delivers the outbox for one worker. Safe to run in any number of workers at once.
+
+    ``http`` sends the callbacks (build it with ``callbacks.callback_client``); the
+    caller owns it.
+    Delivery is at least once: receivers can deduplicate on ``X-Taskman-Delivery``.
+    """
+
+    def __init__(self, settings: Settings, worker_id: str, http: httpx.AsyncClient) -> None:
+        self.worker_id = worker_id
+        self._settings = settings
+        self._slack = SlackAlerter.from_settings(settings)
+        secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+        self._callbacks = CallbackSender(http, secret)
+        self._limit = asyncio.Semaphore(settings.concurrency)
+        # The lease must outlast a round: the batch's callbacks go out in waves of
+        # `concurrency`, each wave taking up to the timeout; one wave more for margin.
+        waves = math.ceil(settings.outbox_batch_size / settings.concurrency) + 1
+        self._lease_seconds = min(
+            MAX_LEASE_SECONDS,
+            max(settings.lease_seconds, math.ceil(settings.callback_timeout_seconds * waves)),
+        )
+
+    async def run_once(self, conn: psycopg.AsyncConnection) -> DispatchSummary:
+        """Claim one batch of due rows, deliver it and record the outcomes.
+
+        The worker runs this as a periodic job, on a connection from its pool; a
+        summary with ``claimed == outbox_batch_size`` means more may be due at once.
+        """
+        rows = await self._claim(conn)
+        if not rows:
+            return DispatchSummary()
+        alerts = [r for r in rows if r.channel == "slack"]
+        callbacks = [r for r in rows if r.channel == "callback"]
+        batches = await asyncio.gather(
+            self._deliver_alerts(alerts), *(self._deliver_callback(r) for r in callbacks)
+        )
+        results = [result for batch in batches for result in batch]
+        outcomes = await self._record(conn, results)
+        return DispatchSummary(
+            claimed=len(rows),
+            delivered=outcomes.count("delivered"),
+            failed=outcomes.count("failed"),
+            given_up=outcomes.count("given_up"),
+        )
+
+    async def _claim(self, conn: psycopg.AsyncConnection) -> list[OutboxRow]:
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                db.queries()["outbox_claim"],
+                {
+                    "worker_id": self.worker_id,
+                    "batch_size": self._settings.outbox_batch_size,
+                    "lease_seconds": self._lease_seconds,
+                },
+            )
+            return [OutboxRow(**row) for row in await cur.fetchall()]
+
+    async def _record(
+        self, conn: psycopg.AsyncConnection, results: Sequence[dict[str, Any]]
+    ) -> list[str]:
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                db.queries()["outbox_record"],
+                {
+                    "results": Jsonb(list(results)),
+                    "max_attempts": self._settings.outbox_max_attempts,
+                    "base_delay_seconds": self._settings.outbox_retry_base_seconds,
+                    "max_delay_seconds": self._settings.outbox_retry_max_seconds,
+                },
+            )
+            return [row["outcome"] for row in await cur.fetchall()]
+
+    async def _deliver_alerts(self, rows: Sequence[OutboxRow]) -> list[dict[str, Any]]:
+        """Every alert of the batch in one Slack message; its fate is theirs."""
+        if not rows:
+            return []
+        if self._slack is None:
+            delivery = Delivery("given_up", reason="slack_not_configured")
+        else:
+            text = alert_text([r.payload for r in rows])
+            delivery = await asyncio.to_thread(self._slack.send, text)
+        digest_size = len(rows) if len(rows) > 1 else None
+        return [self._result(r, delivery, digest_size) for r in rows]
+
+    async def _deliver_callback(self, row: OutboxRow) -> list[dict[str, Any]]:
+        async with self._limit:
+            delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+        return [self._result(row, delivery)]
+
+    def _result(
+        self, row: OutboxRow, delivery: Delivery, digest_size: int | None = None
+    ) -> dict[str, Any]:
+        """One element of record_outbox_results' ``results``."""
+        return {
+            "outbox_id": row.outbox_id,
+            "worker_id": self.worker_id,
+            "outcome": delivery.outcome,
+            "reason": delivery.reason,
+            "http_status": delivery.http_status,
+            "latency_ms": delivery.latency_ms,
+            "retry_after_seconds": delivery.retry_after_seconds,
+            "digest_size": digest_size,
+            "error": delivery.error,
+        }

@@ -1,0 +1,241 @@
+"""Polling one claimed task: a safe, bounded HTTP request and the outcome to record for it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+from uuid import UUID
+
+import httpx
+
+from worker import backoff
+from worker.config import Settings
+from worker.netguard import BlockedURL, GuardedTransport, NetworkPolicy
+from worker.profiles import ProfileError, ResponseProfile, read_response
+
+MAX_REDIRECTS = 5
+# What record_poll_results keeps of a raw body; sending more would only be cut there.
+MAX_RAW_RESPONSE = 65_536
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """What polling needs from a claim (the ``worker_claim`` query's columns).
+
+    `poll_body` and `profile` stay JSON text: the body is sent as is, and the profile
+    text is the key under which its compiled form is cached.
+    """
+
+    task_id: UUID
+    poll_url: str
+    poll_method: str
+    poll_headers: dict[str, str]
+    poll_body: str | None
+    profile: str
+    attempt_count: int
+    error_count: int
+    poll_interval_seconds: int
+
+
+class ResponseTooLarge(Exception):
+    """The answer was larger than ``max_response_bytes``; it was not read to the end."""
+
+
+# httpcore's connection pool scans all its connections on every request and response, so
+# one pool of N busy connections costs O(N) CPU per poll: at 100 connections that is most
+# of the worker's time. Polls are spread round-robin over several clients instead, each
+# with about this many connections busy at a time.
+CONNECTIONS_PER_CLIENT = 16
+
+
+def make_clients(settings: Settings) -> list[httpx.AsyncClient]:
+    """The clients polls share: keep-alive connections, every hop checked by the network policy.
+
+    Each may open up to ``concurrency`` connections, so an unlucky share of slow polls on one
+    client never queues behind its pool. Redirects are followed by the Poller, not httpx,
+    so that it can drop the task's headers (often an API key) when a redirect leaves the
+    origin.
+    """
+    policy = NetworkPolicy(settings.allow_private_networks, settings.allowed_hosts)
+    limits = httpx.Limits(
+        max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+    )
+    return [
+        httpx.AsyncClient(
+            transport=GuardedTransport(policy, limits=limits),
+            trust_env=False,  # environment proxies would bypass the guarded transport
+            follow_redirects=False,
+            timeout=settings.poll_timeout_seconds,
+            headers={"User-Agent": "taskman", "Accept": "application/json"},
+        )
+        for _ in range(client_count(settings.concurrency))
+    ]
+
+
+def client_count(concurrency: int) -> int:
+    """How many clients make_clients makes for `concurrency` polls at a time."""
+    return -(-concurrency // CONNECTIONS_PER_CLIENT)
+
+
+class Poller:
+    """Polls claimed tasks and turns each answer into one ``record_poll_results`` outcome."""
+
+    def __init__(
+        self,
+        clients: Sequence[httpx.AsyncClient],
+        settings: Settings,
+        worker_id: str,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._clients = itertools.cycle(clients)
+        self.settings = settings
+        self.worker_id = worker_id
+        self.rand = rand
+
+    async def poll(self, task: ClaimedTask) -> dict[str, Any]:
+        """Poll `task` once; never raises for anything the remote or the network does."""
+        outcome: dict[str, Any] = {"task_id": str(task.task_id), "worker_id": self.worker_id}
+        try:
+            profile = compiled_profile(task.profile)
+        except ProfileError as exc:
+            return outcome | _failed("invalid_response", f"poll_config is not usable: {exc}")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.poll_timeout_seconds):
+                response, body = await self._fetch(task)
+        except BlockedURL as exc:
+            return outcome | _failed("poll_error", str(exc))
+        except httpx.InvalidURL as exc:
+            return outcome | _failed("poll_error", f"the URL is not valid: {exc}")
+        except httpx.TooManyRedirects:
+            return outcome | _failed(
+                "poll_error", f"the status URL redirected more than {MAX_REDIRECTS} times"
+            )
+        except ResponseTooLarge:
+            reason = f"the answer exceeded {self.settings.max_response_bytes} bytes"
+            return outcome | self._retry(task, reason, unreadable=True)
+        except (httpx.RequestError, TimeoutError) as exc:
+            reason = str(exc) or "no answer within the poll timeout"
+            return outcome | self._retry(task, f"{type(exc).__name__}: {reason}")
+        outcome["latency_ms"] = (time.perf_counter() - started) * 1000
+        return outcome | self._interpret(task, profile, response, body)
+
+    async def _fetch(self, task: ClaimedTask) -> tuple[httpx.Response, bytes]:
+        """Send the task's request and follow redirects, reading at most max_response_bytes."""
+        client = next(self._clients)
+        method, url = task.poll_method, httpx.URL(task.poll_url)
+        headers, body = task.poll_headers, task.poll_body
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = headers
+            if body is not None and not any(k.lower() == "content-type" for k in headers):
+                sent = {**headers, "Content-Type": "application/json"}
+            request = client.build_request(method, url, headers=sent, content=body)
+            response = await client.send(request, stream=True)
+            try:
+                if not response.is_redirect:
+                    return response, await self._read_capped(response)
+            finally:
+                await response.aclose()
+            target = url.join(response.headers["location"])
+            if _origin(target) != _origin(url):
+                headers = {}  # the task's headers are for its own API, not for wherever it points
+            if response.status_code == 303 or (
+                response.status_code in (301, 302) and method == "POST"
+            ):
+                method, body = "GET", None
+            url = target
+        raise httpx.TooManyRedirects("too many redirects", request=request)
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        limit = self.settings.max_response_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ResponseTooLarge
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise ResponseTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _interpret(
+        self, task: ClaimedTask, profile: ResponseProfile, response: httpx.Response, body: bytes
+    ) -> dict[str, Any]:
+        code = response.status_code
+        raw = body[:MAX_RAW_RESPONSE].decode("utf-8", "replace").replace("\x00", "\ufffd")
+        seen = {"http_status": code, "raw_response": raw}
+        if backoff.is_transient_status(code):
+            wait = _retry_after(response) if code in (429, 503) else None
+            return seen | self._retry(task, f"HTTP {code}", wait=wait)
+        if 400 <= code < 500:
+            message = f"The status endpoint refused the request (HTTP {code})."
+            return seen | _failed("poll_error", message, raw_error=f"HTTP {code}")
+        reading = read_response(profile, code, response.headers, body)
+        progress = {"progress": reading.progress, "progress_message": reading.progress_message}
+        if reading.state == "unreadable":
+            return seen | self._retry(task, reading.reason, unreadable=True)
+        if reading.state == "completed":
+            return seen | {"ok": True, "status": "completed", "result": reading.result}
+        if reading.state == "failed":
+            # The poll itself worked (ok); error_message stays null, so the database
+            # writes its neutral sentence, and the remote's own text stays raw_error.
+            return seen | progress | {"ok": True, "status": "failed", "error_code": "remote_failed",
+                                      "raw_error": reading.error_detail}
+        wait = _retry_after(response) if code == 202 else None
+        if reading.state == "running":
+            if wait is None:
+                wait = backoff.running_interval(
+                    task.poll_interval_seconds,
+                    task.attempt_count + 1,
+                    self.settings.max_poll_interval_seconds,
+                )
+            return seen | progress | {"ok": True, "status": "in_progress", "delay_seconds": wait}
+        delay = task.poll_interval_seconds if wait is None else wait
+        return seen | progress | {"ok": True, "delay_seconds": delay}
+
+    def _retry(
+        self, task: ClaimedTask, reason: str | None, *, wait: float | None = None,
+        unreadable: bool = False,
+    ) -> dict[str, Any]:
+        """A transient failure: counts toward max_attempts, polled again after a backoff."""
+        if wait is None:
+            wait = backoff.retry_delay(
+                task.error_count + 1,
+                self.settings.retry_base_seconds,
+                self.settings.retry_max_seconds,
+                self.rand(),
+            )
+        outcome = {"ok": False, "delay_seconds": wait, "raw_error": reason}
+        if unreadable:
+            outcome["error_code"] = "invalid_response"
+        return outcome
+
+
+@lru_cache(maxsize=512)
+def compiled_profile(profile_json: str) -> ResponseProfile:
+    """The profile a claim carries (as JSON text), compiled once per distinct profile."""
+    return ResponseProfile.from_dict(json.loads(profile_json))
+
+
+def _failed(code: str, message: str | None, raw_error: str | None = None) -> dict[str, Any]:
+    """A final failure: the task ends with `code`; `message` is shown to its owner."""
+    return {"ok": False, "status": "failed", "error_code": code, "error_message": message,
+            "raw_error": raw_error or message}
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    return backoff.parse_retry_after(response.headers.get("retry-after"), datetime.now(UTC))
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)

@@ -1,0 +1,36 @@
+"""The worker process: the claim/poll loop plus outbox delivery as a periodic job."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from worker.config import Settings
+from worker.loop import PeriodicJob, Worker, new_worker_id
+from worker.notify.callbacks import callback_client
+from worker.notify.outbox import OutboxDispatcher
+
+# Alerts and callbacks go out within about this long of a task ending.
+OUTBOX_INTERVAL_SECONDS = 1.0
+
+
+async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event) -> None:
+    """Poll tasks and deliver notifications until ``stop`` is set, then shut down gracefully."""
+    worker_id = new_worker_id()
+    async with callback_client(settings) as http:
+        outbox = OutboxDispatcher(settings, worker_id, http)
+        jobs = [PeriodicJob("deliver_outbox", OUTBOX_INTERVAL_SECONDS, outbox.run_once)]
+        await Worker(settings, conninfo, jobs=jobs, worker_id=worker_id).run(stop)
+
+
+def serve_worker(settings: Settings, conninfo: str) -> None:
+    """Run the worker in this process until SIGTERM or SIGINT, then shut it down gracefully."""
+
+    async def until_signalled() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run_worker(settings, conninfo, stop)
+
+    asyncio.run(until_signalled())
