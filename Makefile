@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 dev: $(STAMP)
-	$(BIN)/taskman dev --demo
+	$(BIN)/taskman dev --demo $(DEV_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check worker tests bench

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import sys
 import threading
 import time
 
@@ -43,12 +44,15 @@ def create_demo_tasks(conninfo: str, remote_url: str) -> int:
         if conn.execute(q["live_demo_tasks"]).fetchone()["live"]:
             return 0
         tasks = sample_tasks(remote_url)
+        progress = sys.stdout.isatty()
         for number, args in enumerate(tasks, 1):
             params = {key: None for key in _CREATE_ARGS}
             params |= {k: Jsonb(v) if isinstance(v, dict) else v for k, v in args.items()}
             conn.execute(q["edge_create_task"], params)
-            print(f"\r  creating demo tasks: {number}/{len(tasks)}", end="", flush=True)
-        print()
+            if progress:
+                print(f"\r  creating demo tasks: {number}/{len(tasks)}", end="", flush=True)
+        if progress:
+            print()
     return len(tasks)
 
 

