@@ -16,14 +16,11 @@ as $$
   limit 1
 $$;
 
-create function public.claim_due_tasks(worker_id text, batch_size integer default 100,
-                                       lease_seconds integer default 60)
-returns table (
-  task_id uuid, poll_url text, poll_method text, poll_headers jsonb, poll_body jsonb,
-  profile jsonb, task_type text, status text, attempt_count integer, error_count integer,
-  max_attempts integer, poll_interval_seconds integer, deadline_at timestamptz,
-  lease_expires_at timestamptz)
-language plpgsql volatile security definer
+-- The arguments every claim takes (tasks here, the outbox later), checked once.
+create function taskman_private.check_claim(worker_id text, batch_size integer,
+                                            lease_seconds integer)
+returns void
+language plpgsql immutable
 set search_path = ''
 as $$
 begin
@@ -36,6 +33,21 @@ begin
   if lease_seconds is null or lease_seconds not between 1 and 3600 then
     perform taskman_private.reject('lease_seconds', 'must be between 1 and 3600');
   end if;
+end
+$$;
+
+create function public.claim_due_tasks(worker_id text, batch_size integer default 100,
+                                       lease_seconds integer default 60)
+returns table (
+  task_id uuid, poll_url text, poll_method text, poll_headers jsonb, poll_body jsonb,
+  profile jsonb, task_type text, status text, attempt_count integer, error_count integer,
+  max_attempts integer, poll_interval_seconds integer, deadline_at timestamptz,
+  lease_expires_at timestamptz)
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+begin
+  perform taskman_private.check_claim(worker_id, batch_size, lease_seconds);
 
   return query
   with due as (

@@ -14,15 +14,7 @@ language plpgsql volatile security definer
 set search_path = ''
 as $$
 begin
-  if worker_id is null or length(worker_id) not between 1 and 200 then
-    perform taskman_private.reject('worker_id', 'must be 1 to 200 characters');
-  end if;
-  if batch_size is null or batch_size not between 1 and 5000 then
-    perform taskman_private.reject('batch_size', 'must be between 1 and 5000');
-  end if;
-  if lease_seconds is null or lease_seconds not between 1 and 3600 then
-    perform taskman_private.reject('lease_seconds', 'must be between 1 and 3600');
-  end if;
+  perform taskman_private.check_claim(worker_id, batch_size, lease_seconds);
 
   return query
   with due as (
