@@ -16,11 +16,11 @@ dev: $(STAMP)
 	$(BIN)/taskman dev --demo $(DEV_ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff check worker tests bench scripts
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff check worker tests bench scripts
 
 migrate: $(STAMP)
 	$(BIN)/taskman migrate
