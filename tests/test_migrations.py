@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from worker.migrate import COMPAT_SQL, list_migrations, migrate
 
@@ -23,3 +24,21 @@ def test_compat_script_is_safe_to_run_twice(database_url: str) -> None:
             "select rolname from pg_roles where rolname in "
             "('anon', 'authenticated', 'service_role', 'authenticator')")}
     assert roles == {"anon", "authenticated", "service_role", "authenticator"}
+
+
+def test_a_failing_migration_leaves_nothing_half_applied(database_url: str, tmp_path) -> None:
+    (tmp_path / "20990101000000_good.sql").write_text("create table public.good_one (id int);")
+    (tmp_path / "20990101000100_bad.sql").write_text(
+        "create table public.half_done (id int);\nselect 1 / 0;")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        migrate(database_url, tmp_path)
+    with psycopg.connect(database_url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "select tablename from pg_tables where tablename in ('good_one', 'half_done')")}
+        recorded = {r[0] for r in conn.execute(
+            "select version from supabase_migrations.schema_migrations where version like '2099%'")}
+    assert tables == {"good_one"}
+    assert recorded == {"20990101000000"}
+    # Once fixed, the failed migration applies on the next run.
+    (tmp_path / "20990101000100_bad.sql").write_text("create table public.half_done (id int);")
+    assert [m.name for m in migrate(database_url, tmp_path)] == ["bad"]

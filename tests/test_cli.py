@@ -1,0 +1,69 @@
+"""The ``taskman`` command line, run as a user runs it: a subprocess against a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def taskman(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_create_status_list_cancel_retry_round_trip(database_url) -> None:
+    created = taskman(database_url, "create", "--poll-url", "https://api.example.com/jobs/1",
+                      "--type", "report", "--header", "Authorization: Bearer s3cret",
+                      "--metadata", '{"customer": 7}', "--json")
+    assert created.returncode == 0, created.stderr
+    task = json.loads(created.stdout)
+    assert task["status"] == "pending" and task["callback_token"]
+    assert "s3cret" not in created.stdout
+
+    status = taskman(database_url, "status", task["task_id"], "--json")
+    assert json.loads(status.stdout)["metadata"] == {"customer": 7}
+
+    listing = taskman(database_url, "list", "--status", "pending")
+    assert task["task_id"] in listing.stdout and "STATUS" in listing.stdout
+
+    cancelled = taskman(database_url, "cancel", task["task_id"], "--json")
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    retried = taskman(database_url, "retry", task["task_id"])
+    assert retried.returncode == 0 and "pending" in retried.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["create", "--poll-url", "ftp://files.example.com/x"], "poll_url"),
+    (["create", "--config", "{not json"], "--config must be JSON"),
+    (["create", "--header", "no-colon"], "header must look like"),
+    (["create", "--timeout-minutes", "-5"], "timeout_minutes"),
+    (["status", "not-a-task-id"], "is not a task id"),
+    (["list", "--status", "sleeping"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_usage_exits_2_with_a_message_and_changes_nothing(database_url, conn, args,
+                                                              message) -> None:
+    result = taskman(database_url, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert conn.execute("select count(*) as n from public.tasks").fetchone()["n"] == 0
+
+
+def test_unknown_task_and_refused_transition_exit_1(database_url) -> None:
+    missing = taskman(database_url, "status", "00000000-0000-4000-8000-000000000000")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    task = json.loads(taskman(database_url, "create", "--json").stdout)
+    refused = taskman(database_url, "retry", task["task_id"])
+    assert refused.returncode == 1 and "only failed or cancelled" in refused.stderr
+
+
+def test_invalid_configuration_names_the_setting(database_url) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url, "TASKMAN_CONCURRENCY": "lots"}
+    result = subprocess.run([sys.executable, "-m", "worker.cli", "list"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "TASKMAN_CONCURRENCY" in result.stderr
