@@ -86,6 +86,8 @@ def main() -> int:
             page = get(f"{base}/", key).decode()
             assert "<title>Taskman</title>" in page, "the dashboard page did not load"
             counts = check_demo(base, key)
+            metrics = get(f"{base}/metrics", key).decode()
+            assert "taskman_worker_polls_total" in metrics, "worker metrics are not served"
             print(f"first run: dashboard at {base}/ with demo tasks {counts}")
         finally:
             os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C, as a person would

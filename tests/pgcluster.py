@@ -40,7 +40,7 @@ def default_bin_dir() -> Path:
     return POSTGRES_BIN_PATH
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,7 +63,7 @@ class Cluster:
     def __init__(self, bin_dir: Path, settings: dict[str, str] | None = None) -> None:
         self.bin_dir = bin_dir
         self.settings = {**FAST_SETTINGS, **(settings or {})}
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="taskman-pg-"))
         self.data = self.root / "data"
         self.user = _run_as()

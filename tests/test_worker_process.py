@@ -8,9 +8,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+import httpx
 import psycopg
 import pytest
 
+from tests.pgcluster import free_port
 from tests.remote_api import RemoteAPI, Reply, remote_api
 from tests.worker_harness import start_worker_process, wait_until
 
@@ -119,3 +121,20 @@ def test_invalid_configuration_names_the_setting_and_exits_2(database_url) -> No
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 2
     assert "TASKMAN_CONCURRENCY" in stderr
+
+
+def test_worker_serves_its_poll_metrics(database_url, conn, remote, workers) -> None:
+    port = free_port()
+    workers.append(start_worker_process(database_url, "--metrics-port", str(port)))
+    insert_tasks(conn, [remote.script("/jobs/m1", DONE)])
+    wait_until(lambda: count_status(conn, "completed") == 1)
+    text = wait_until(lambda: _scrape(port))
+    assert 'taskman_worker_polls_total{outcome="completed"} 1.0' in text
+    assert "taskman_worker_claim_duration_seconds_count" in text
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.TransportError:
+        return None

@@ -47,11 +47,17 @@ def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
     from worker.logs import configure_logging
+    from worker.metrics import WorkerMetrics
     from worker.service import serve_worker
 
     configure_logging(args.log_format)
-    serve_worker(settings, database_url(settings))
+    metrics = WorkerMetrics()
+    if args.metrics_port is not None:
+        start_http_server(args.metrics_port, args.metrics_host, registry=metrics.registry)
+    serve_worker(settings, database_url(settings), metrics)
     return 0
 
 
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="claim, poll and record tasks until SIGTERM")
     worker.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="log lines as plain text or one JSON object each (%(default)s)")
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics (polls, latencies) on this port")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for --metrics-port (%(default)s)")
     worker.set_defaults(run=cmd_worker)
 
     edge = commands.add_parser("edge", help="serve the HTTP API, callbacks and dashboard")

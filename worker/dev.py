@@ -23,6 +23,7 @@ from worker import db
 from worker.config import Settings
 from worker.demo import REMOTE_PREFIX, sample_tasks
 from worker.edge import create_app
+from worker.metrics import WorkerMetrics
 from worker.service import serve_worker
 
 
@@ -89,8 +90,10 @@ def run_dev(settings: Settings, conninfo: str, host: str, port: int, demo: bool)
     except OSError as exc:
         raise SystemExit(f"taskman dev: cannot listen on {host}:{port} ({exc.strerror}); "
                          "pass --port to use another port") from None
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, conninfo, demo=demo),
-                                           log_level="warning", timeout_graceful_shutdown=2))
+    app = create_app(settings, conninfo, demo=demo)
+    metrics = WorkerMetrics()  # one process: the edge's /metrics shows the worker's too
+    app.state.metrics.registry.register(metrics.registry)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     edge = _start_edge(server, sock)
     base = f"http://{local if host in ('0.0.0.0', '::') else host}:{sock.getsockname()[1]}"
     try:
@@ -102,7 +105,7 @@ def run_dev(settings: Settings, conninfo: str, host: str, port: int, demo: bool)
         print(f"\nTaskman is running.\n  dashboard: {base}/#key={key}\n  API key:   {key}\n"
               f"  API docs:  {base}/docs\n  database:  {_redacted(conninfo)}\n"
               "Press Ctrl-C to stop.\n", flush=True)
-        serve_worker(settings, conninfo)
+        serve_worker(settings, conninfo, metrics)
     finally:
         server.should_exit = True
         edge.join(10)

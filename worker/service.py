@@ -7,6 +7,7 @@ import signal
 
 from worker.config import Settings
 from worker.loop import PeriodicJob, Worker, new_worker_id
+from worker.metrics import WorkerMetrics
 from worker.notify.callbacks import callback_client
 from worker.notify.outbox import OutboxDispatcher
 
@@ -14,16 +15,17 @@ from worker.notify.outbox import OutboxDispatcher
 OUTBOX_INTERVAL_SECONDS = 1.0
 
 
-async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event) -> None:
+async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
+                     metrics: WorkerMetrics | None = None) -> None:
     """Poll tasks and deliver notifications until ``stop`` is set, then shut down gracefully."""
     worker_id = new_worker_id()
     async with callback_client(settings) as http:
         outbox = OutboxDispatcher(settings, worker_id, http)
         jobs = [PeriodicJob("deliver_outbox", OUTBOX_INTERVAL_SECONDS, outbox.run_once)]
-        await Worker(settings, conninfo, jobs=jobs, worker_id=worker_id).run(stop)
+        await Worker(settings, conninfo, jobs=jobs, worker_id=worker_id, metrics=metrics).run(stop)
 
 
-def serve_worker(settings: Settings, conninfo: str) -> None:
+def serve_worker(settings: Settings, conninfo: str, metrics: WorkerMetrics | None = None) -> None:
     """Run the worker in this process until SIGTERM or SIGINT, then shut it down gracefully."""
 
     async def until_signalled() -> None:
@@ -31,6 +33,6 @@ def serve_worker(settings: Settings, conninfo: str) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await run_worker(settings, conninfo, stop)
+        await run_worker(settings, conninfo, stop, metrics)
 
     asyncio.run(until_signalled())
