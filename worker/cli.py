@@ -38,7 +38,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from worker.edge import create_app
+    from worker.edge.app import create_app
 
     app = create_app(settings, database_url(settings))
     # Open /events streams would hold a graceful shutdown forever; give them a few seconds.

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 API_ROLES = ("anon", "authenticated", "service_role")
 
@@ -28,6 +29,11 @@ def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection:
     """Open a connection; ``application_name`` defaults to ``taskman``."""
     kwargs.setdefault("application_name", "taskman")
     return psycopg.connect(conninfo, **kwargs)
+
+
+def json_arg(value: Any) -> Jsonb | None:
+    """A JSON query argument; None stays SQL NULL ("not given"), not JSON null."""
+    return None if value is None else Jsonb(value)
 
 
 @contextmanager

@@ -17,12 +17,12 @@ import platformdirs
 import uvicorn
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from worker import db
 from worker.config import Settings
 from worker.demo import REMOTE_PREFIX, sample_tasks
-from worker.edge import create_app
+from worker.edge.app import create_app
+from worker.edge.models import TaskCreate
 from worker.metrics import WorkerMetrics
 from worker.service import serve_worker
 
@@ -47,19 +47,12 @@ def create_demo_tasks(conninfo: str, remote_url: str) -> int:
         tasks = sample_tasks(remote_url)
         progress = sys.stdout.isatty()
         for number, args in enumerate(tasks, 1):
-            params = {key: None for key in _CREATE_ARGS}
-            params |= {k: Jsonb(v) if isinstance(v, dict) else v for k, v in args.items()}
-            conn.execute(q["edge_create_task"], params)
+            conn.execute(q["edge_create_task"], TaskCreate(**args).query_args())
             if progress:
                 print(f"\r  creating demo tasks: {number}/{len(tasks)}", end="", flush=True)
         if progress:
             print()
     return len(tasks)
-
-
-_CREATE_ARGS = ("poll_url", "poll_method", "task_type", "external_id", "poll_headers",
-                "poll_body", "poll_config", "poll_interval_seconds", "max_attempts",
-                "timeout_minutes", "callback_url", "idempotency_key", "metadata")
 
 
 def _start_edge(server: uvicorn.Server, sock: socket.socket) -> threading.Thread:

@@ -18,9 +18,9 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from worker import db
+from worker.edge.models import TaskCreate
 
 TERMINAL = {"completed", "failed", "cancelled"}
 EXIT_USAGE = 2
@@ -106,20 +106,18 @@ def _show_task(task: dict[str, Any], as_json: bool) -> None:
 
 def cmd_create(conninfo: str, args: argparse.Namespace) -> int:
     """Create a task and print it (with its callback token, shown once)."""
-    params = {
-        "poll_url": args.poll_url, "poll_method": args.method, "task_type": args.type,
-        "external_id": args.external_id,
-        "poll_headers": Jsonb(dict(args.header)) if args.header else None,
-        "poll_body": Jsonb(args.body) if args.body is not None else None,
-        "poll_config": Jsonb(args.config) if args.config is not None else None,
-        "poll_interval_seconds": args.interval, "max_attempts": args.max_attempts,
-        "timeout_minutes": args.timeout_minutes, "callback_url": args.callback_url,
-        "idempotency_key": args.idempotency_key,
-        "metadata": Jsonb(args.metadata) if args.metadata is not None else None,
-    }
+    # Not validated here: the database checks every field and names it in its error.
+    fields = TaskCreate.model_construct(
+        poll_url=args.poll_url, poll_method=args.method, task_type=args.type,
+        external_id=args.external_id, poll_headers=dict(args.header) or None,
+        poll_body=args.body, poll_config=args.config, poll_interval_seconds=args.interval,
+        max_attempts=args.max_attempts, timeout_minutes=args.timeout_minutes,
+        callback_url=args.callback_url, idempotency_key=args.idempotency_key,
+        metadata=args.metadata,
+    )
     with _database(conninfo) as conn:
-        task = conn.execute(db.queries()["edge_create_task"], params).fetchone()["task"]
-    _show_task(task, args.json)
+        row = conn.execute(db.queries()["edge_create_task"], fields.query_args()).fetchone()
+    _show_task(row["task"], args.json)
     return 0
 
 

@@ -25,7 +25,7 @@ from psycopg.rows import dict_row
 
 from tests.conftest import TEMPLATE
 from worker.config import Settings
-from worker.edge import create_app
+from worker.edge.app import create_app
 
 API_KEY = "test-api-key"
 JWT_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"

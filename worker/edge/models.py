@@ -15,6 +15,8 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
+from worker import db
+
 
 def _no_nul(value: str) -> str:
     if "\x00" in value:
@@ -80,6 +82,13 @@ class TaskCreate(BaseModel):
     callback_url: Url | None = Field(None, description="POSTed the task when it ends.")
     idempotency_key: IdempotencyKey | None = None
     metadata: JsonObject | None = None
+
+    def query_args(self) -> dict[str, Any]:
+        """The arguments of the ``edge_create_task`` query (JSON fields as jsonb)."""
+        args = self.model_dump()
+        for name in ("poll_headers", "poll_body", "poll_config", "metadata"):
+            args[name] = db.json_arg(args[name])
+        return args
 
 
 class TaskReport(BaseModel):

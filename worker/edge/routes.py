@@ -85,23 +85,15 @@ def _call(request: Request, principal: Principal, query: str, **params: Any) -> 
     return next(iter(row.values())) if row else None
 
 
-def _jsonb(value: Any) -> Jsonb | None:
-    """A JSON argument; None stays SQL NULL ("not given"), not JSON null."""
-    return None if value is None else Jsonb(value)
-
-
 def _create(request: Request, principal: Principal, body: TaskCreate, response: Response) -> Any:
-    args = body.model_dump()
-    for name in ("poll_headers", "poll_body", "poll_config", "metadata"):
-        args[name] = _jsonb(args[name])
-    task = _call(request, principal, "edge_create_task", **args)
+    task = _call(request, principal, "edge_create_task", **body.query_args())
     response.status_code = 200 if task.get("idempotent_replay") else 201
     return task
 
 
 def _report_args(report: TaskReport) -> dict[str, Any]:
     args = report.model_dump(include=set(TaskReport.model_fields))
-    args["result"] = _jsonb(args["result"])
+    args["result"] = db.json_arg(args["result"])
     return args
 
 
