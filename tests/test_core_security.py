@@ -123,7 +123,8 @@ def test_service_role_reads_private_task_data(api, world) -> None:
 
 WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_tasks",
                     "release_tasks", "claim_outbox", "record_outbox_results"}
-USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats"}
+USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
+                  "task_json"}
 
 
 def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:

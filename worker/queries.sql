@@ -47,14 +47,14 @@ select public.create_task(
   metadata => %(metadata)s::jsonb) as task
 
 -- name: edge_get_task
-select to_jsonb(t) - '{poll_headers,lease_owner,lease_expires_at}'::text[] as task
+select public.task_json(t) as task
 from public.tasks t
 where t.task_id = %(task_id)s::uuid
 
 -- name: edge_list_tasks
 -- Newest first; keyset pagination on (created_at, task_id), which for a user
 -- walks tasks_user_created_idx (RLS adds user_id = auth.uid()).
-select to_jsonb(t) - '{poll_headers,lease_owner,lease_expires_at}'::text[] as task
+select public.task_json(t) as task
 from public.tasks t
 where (%(statuses)s::text[] is null or t.status = any(%(statuses)s::text[]))
   and (%(task_type)s::text is null or t.task_type = %(task_type)s::text)
@@ -88,7 +88,7 @@ select public.update_task(
 -- name: edge_set_metadata
 update public.tasks t set metadata = %(metadata)s::jsonb
 where t.task_id = %(task_id)s::uuid
-returning to_jsonb(t) - '{poll_headers,lease_owner,lease_expires_at}'::text[] as task
+returning public.task_json(t) as task
 
 -- name: edge_cancel_task
 select public.cancel_task(%(task_id)s::uuid) as task

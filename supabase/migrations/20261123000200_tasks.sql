@@ -81,6 +81,16 @@ create unique index tasks_idempotency_key_idx on public.tasks
 -- Releasing a worker's leases finds them by owner.
 create index tasks_lease_owner_idx on public.tasks (lease_owner) where lease_owner is not null;
 
+-- The task as its owner sees it, everywhere a task is returned (RPCs, the edge,
+-- callbacks): every column but the write-only one and the worker's lease.
+create function public.task_json(t public.tasks)
+returns jsonb
+language sql stable security invoker
+set search_path = ''
+as $$
+  select to_jsonb(t) - '{poll_headers,lease_owner,lease_expires_at}'::text[]
+$$;
+
 create table public.task_events (
   event_id bigint generated always as identity primary key,
   task_id uuid not null references public.tasks (task_id) on delete cascade,

@@ -3,15 +3,6 @@
 -- so nothing is lost when a receiver is down or the worker restarts. The worker
 -- delivers rows and records each attempt in task_events.
 
--- The task as its owner may see it: everything but write-only and worker fields.
-create function taskman_private.task_json(t public.tasks)
-returns jsonb
-language sql stable
-set search_path = ''
-as $$
-  select to_jsonb(t) - '{poll_headers,lease_owner,lease_expires_at}'::text[]
-$$;
-
 create table taskman_private.outbox (
   outbox_id bigint generated always as identity primary key,
   task_id uuid not null references public.tasks (task_id) on delete cascade,
@@ -37,7 +28,7 @@ language plpgsql security definer
 set search_path = ''
 as $$
 declare
-  body jsonb := taskman_private.task_json(new);
+  body jsonb := public.task_json(new);
 begin
   if new.callback_url is not null then
     insert into taskman_private.outbox (task_id, channel, payload) values (new.task_id, 'callback', body);

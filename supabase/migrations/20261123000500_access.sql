@@ -20,6 +20,9 @@ revoke all on all functions in schema taskman_private from anon, authenticated, 
 grant usage on schema taskman_private to service_role;
 grant select, insert, update, delete on all tables in schema taskman_private to service_role;
 
+revoke all on function public.task_json from public, anon, authenticated;
+grant execute on function public.task_json to authenticated, service_role;
+
 alter table public.tasks enable row level security;
 alter table public.task_events enable row level security;
 alter table public.response_profiles enable row level security;

@@ -73,7 +73,7 @@ begin
             = coalesce(owner, '00000000-0000-0000-0000-000000000000'::uuid)
       and x.idempotency_key = create_task.idempotency_key;
     if found then
-      return taskman_private.task_json(t) || '{"idempotent_replay": true}';
+      return public.task_json(t) || '{"idempotent_replay": true}';
     end if;
   end if;
 
@@ -95,14 +95,14 @@ begin
     where coalesce(x.user_id, '00000000-0000-0000-0000-000000000000'::uuid)
             = coalesce(owner, '00000000-0000-0000-0000-000000000000'::uuid)
       and x.idempotency_key = create_task.idempotency_key;
-    return taskman_private.task_json(t) || '{"idempotent_replay": true}';
+    return public.task_json(t) || '{"idempotent_replay": true}';
   end;
 
   insert into taskman_private.task_private (task_id, callback_token_hash)
   values (t.task_id, sha256(convert_to(token, 'UTF8')))
   on conflict (task_id) do update set callback_token_hash = excluded.callback_token_hash;
 
-  return taskman_private.task_json(t) || jsonb_build_object('callback_token', token);
+  return public.task_json(t) || jsonb_build_object('callback_token', token);
 end
 $$;
 
@@ -167,7 +167,7 @@ begin
 
   if t.status in ('completed', 'failed', 'cancelled') then
     if update_task.status = t.status then
-      return taskman_private.task_json(t);
+      return public.task_json(t);
     end if;
     raise exception using errcode = 'PT409',
       message = format('task %s is already %s and cannot be updated', t.task_id, t.status),
@@ -195,7 +195,7 @@ begin
   insert into public.task_events (task_id, user_id, event_type, to_status, detail)
   values (t.task_id, t.user_id, 'callback_received', t.status,
           jsonb_build_object('via', case when by_service then 'service' else 'callback_token' end));
-  return taskman_private.task_json(t);
+  return public.task_json(t);
 end
 $$;
 
@@ -212,7 +212,7 @@ begin
       message = format('task %s is already %s and cannot be cancelled', t.task_id, t.status);
   end if;
   update public.tasks x set status = 'cancelled' where x.task_id = t.task_id returning * into t;
-  return taskman_private.task_json(t);
+  return public.task_json(t);
 end
 $$;
 
@@ -231,7 +231,7 @@ begin
   perform set_config('taskman.retry_task', t.task_id::text, true);
   update public.tasks x set status = 'pending' where x.task_id = t.task_id returning * into t;
   perform set_config('taskman.retry_task', '', true);
-  return taskman_private.task_json(t);
+  return public.task_json(t);
 end
 $$;
 
