@@ -11,21 +11,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import psycopg
 
-from bench.cluster import migrated_databases
-
-FILL_TASKS = (Path(__file__).parent / "fill_tasks.sql").read_text()
-
-
-def _fill(url: str, terminal: int, due: int) -> None:
-    """Bulk-load rows directly (triggers off): loading is not what is measured."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("set session_replication_role = replica")
-        conn.execute(FILL_TASKS, {"terminal": terminal, "due": due})
-        conn.execute("vacuum analyze public.tasks")
+from bench.cluster import fill_tasks, migrated_databases
 
 
 def _median_claim_ms(url: str, claims: int, batch: int) -> tuple[float, float]:
@@ -52,8 +41,8 @@ def main() -> None:
 
     with migrated_databases("bench_large", "bench_small") as urls:
         started = time.perf_counter()
-        _fill(urls["bench_large"], args.terminal, args.due)
-        _fill(urls["bench_small"], args.small_terminal, args.due)
+        fill_tasks(urls["bench_large"], terminal=args.terminal, due=args.due)
+        fill_tasks(urls["bench_small"], terminal=args.small_terminal, due=args.due)
         print(f"loaded in {time.perf_counter() - started:.1f}s")
         large = _median_claim_ms(urls["bench_large"], args.claims, args.batch)
         small = _median_claim_ms(urls["bench_small"], args.claims, args.batch)

@@ -1,13 +1,17 @@
-"""A throwaway, migrated PostgreSQL for benchmarks, with production durability settings."""
+"""The benchmarks' database: a throwaway, migrated PostgreSQL with production durability
+settings, their named queries (bench/queries.sql), and bulk-loaded tasks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
 
 import psycopg
 
 from tests.pgcluster import Cluster, default_bin_dir
+from worker.db import parse_named_queries
 from worker.migrate import migrate
 
 # Unlike the test cluster, benchmarks keep commits durable: figures should mean
@@ -30,3 +34,18 @@ def migrated_databases(*names: str) -> Iterator[dict[str, str]]:
         yield urls
     finally:
         cluster.stop()
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named queries of bench/queries.sql."""
+    return parse_named_queries((Path(__file__).parent / "queries.sql").read_text(encoding="utf-8"))
+
+
+def fill_tasks(url: str, *, terminal: int = 0, due: int = 0, future: int = 0) -> None:
+    """Bulk-load tasks (triggers off): finished, due now, and due in an hour."""
+    q = queries()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(q["triggers_off"])
+        conn.execute(q["fill_tasks"], {"terminal": terminal, "due": due, "future": future})
+        conn.execute(q["analyze_tasks"])

@@ -1,29 +1,21 @@
-"""Shared by the worker benchmarks: their named queries and a worker process to measure."""
+"""Shared by the worker benchmarks: a worker process to measure."""
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 
 import psycopg
 
+from bench.cluster import queries
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@cache
-def queries() -> dict[str, str]:
-    """The ``-- name:`` blocks of bench/worker_queries.sql."""
-    text = (REPO / "bench" / "worker_queries.sql").read_text(encoding="utf-8")
-    blocks = re.split(r"^-- name: *(\w+) *$", text, flags=re.MULTILINE)
-    return {name: body.strip() for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
 
 
 @contextmanager

@@ -19,8 +19,8 @@ from typing import Any
 
 import psycopg
 
-from bench.cluster import migrated_databases
-from bench.worker_bench import queries, worker_process
+from bench.cluster import migrated_databases, queries
+from bench.worker_bench import worker_process
 
 BODY = b'{"status": "done"}'
 

@@ -13,10 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-import psycopg
-
-from bench.cluster import migrated_databases
-from bench.worker_bench import queries, worker_process
+from bench.cluster import fill_tasks, migrated_databases
+from bench.worker_bench import worker_process
 
 
 def _memory_mb(pid: int) -> tuple[float, float]:
@@ -37,10 +35,7 @@ def main() -> None:
     print(f"worker memory after {args.idle:.0f}s beside pending tasks not due for an hour")
     with migrated_databases(*names) as urls:
         for count, name in zip(args.counts, names, strict=True):
-            with psycopg.connect(urls[name], autocommit=True) as conn:
-                conn.execute(queries()["triggers_off"])
-                conn.execute(queries()["fill_future_tasks"], {"count": count})
-                conn.execute(queries()["analyze_tasks"])
+            fill_tasks(urls[name], future=count)
             with worker_process(urls[name]) as process:
                 time.sleep(args.idle)
                 rss, peak = _memory_mb(process.pid)

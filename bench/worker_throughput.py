@@ -18,9 +18,9 @@ import time
 import httpx
 import psycopg
 
-from bench.cluster import migrated_databases
+from bench.cluster import migrated_databases, queries
 from bench.instant_remote import instant_remote
-from bench.worker_bench import queries, worker_process
+from bench.worker_bench import worker_process
 from worker.poller import client_count
 
 

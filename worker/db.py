@@ -17,12 +17,17 @@ from psycopg.types.json import Jsonb
 API_ROLES = ("anon", "authenticated", "service_role")
 
 
-@cache
-def queries() -> dict[str, str]:
-    """The named queries of ``worker/queries.sql`` (``-- name: <name>`` blocks)."""
-    text = resources.files("worker").joinpath("queries.sql").read_text(encoding="utf-8")
+def parse_named_queries(text: str) -> dict[str, str]:
+    """The ``-- name: <name>`` blocks of a SQL file, by name."""
     blocks = re.split(r"^-- name: *(\w+) *$", text, flags=re.MULTILINE)
     return {name: body.strip() for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named queries of ``worker/queries.sql``."""
+    return parse_named_queries(
+        resources.files("worker").joinpath("queries.sql").read_text(encoding="utf-8"))
 
 
 def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection:

@@ -1,4 +1,4 @@
--- Named queries of the worker benchmarks (bench/worker_*.py).
+-- Named queries of the benchmarks.
 
 -- name: workers_listening
 select count(*) from pg_stat_activity
@@ -15,17 +15,30 @@ insert into public.tasks (poll_url) values (%(poll_url)s) returning task_id
 -- name: count_completed
 select count(*) from public.tasks where status = 'completed'
 
--- name: fill_future_tasks
--- Pending tasks not due for an hour, shaped as the triggers would leave them
--- (loaded with triggers off: loading is not what is measured).
-insert into public.tasks (task_id, status, task_type, poll_url, poll_method, poll_config,
+-- name: fill_tasks
+-- Bulk rows shaped as the task triggers would leave them (loaded with triggers
+-- off: loading is not what is measured): `terminal` finished tasks, `due` live
+-- tasks due now, `future` live tasks due in an hour.
+insert into public.tasks (task_id, user_id, status, task_type, poll_url, poll_method, poll_config,
                           poll_interval_seconds, attempt_count, error_count, max_attempts,
                           timeout_minutes, deadline_at, next_poll_at, metadata, created_at,
-                          updated_at)
-select gen_random_uuid(), 'pending', 'generic', 'https://api.example.com/status/' || i, 'GET',
-       '{}', 30, 0, 0, 10, 120, now() + interval '2 hours', now() + interval '1 hour', '{}',
-       now(), now()
-from generate_series(1, %(count)s) as i
+                          updated_at, completed_at, result, error_code)
+select gen_random_uuid(), gen_random_uuid(), s.status, 'generic',
+       'https://api.example.com/status/' || i, 'GET', '{}', 30,
+       case when s.finished then 1 else 0 end, 0, 10, 120, now() + interval '2 hours',
+       case when s.finished then null
+            when i <= %(terminal)s + %(due)s then now() - interval '1 minute' * random()
+            else now() + interval '1 hour' end,
+       '{}', now() - interval '1 day', now(),
+       case when s.finished then now() end,
+       case when s.status = 'completed' then '{"ok": true}'::jsonb end,
+       case when s.status = 'failed' then 'remote_failed' end
+from generate_series(1, %(terminal)s + %(due)s + %(future)s) as i
+cross join lateral (
+  select i <= %(terminal)s as finished,
+         case when i <= %(terminal)s then (array['completed', 'failed', 'cancelled'])[1 + i %% 3]
+              else 'pending' end as status
+) as s
 
 -- name: first_poll_recorded_ms
 -- From a task's creation to its first poll being recorded, in milliseconds.
