@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psycopg
 
-from tests.pgcluster import Cluster, default_bin_dir
 from worker.db import parse_named_queries
+from worker.devtools.pgcluster import Cluster, default_bin_dir
 from worker.migrate import migrate
 
 # Unlike the test cluster, benchmarks keep commits durable: figures should mean

@@ -21,7 +21,7 @@ import psycopg
 from bench.cluster import migrated_databases, queries
 from bench.instant_remote import instant_remote
 from bench.worker_bench import worker_process
-from worker.poller import client_count
+from worker.polling.poller import client_count
 
 
 async def _plain_gets(base_url: str, count: int, concurrency: int, clients: int) -> float:

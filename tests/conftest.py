@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.pgcluster import Cluster, default_bin_dir
 from worker import db
+from worker.devtools.pgcluster import Cluster, default_bin_dir
 from worker.migrate import migrate
 
 TEMPLATE = "taskman_template"

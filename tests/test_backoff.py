@@ -8,7 +8,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from worker.backoff import (
+from worker.remote.backoff import (
     MAX_RETRY_AFTER,
     is_transient_status,
     parse_retry_after,

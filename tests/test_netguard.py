@@ -12,8 +12,8 @@ from ipaddress import ip_address
 import httpx
 import pytest
 
-from worker import netguard
-from worker.netguard import (
+from worker.remote import netguard
+from worker.remote.netguard import (
     BlockedURL,
     GuardedTransport,
     NetworkPolicy,

@@ -19,7 +19,7 @@ from tests.factories import USER_A, create_task, events
 from tests.receivers import Receiver
 from worker.config import Settings
 from worker.notify import OutboxDispatcher
-from worker.notify.callbacks import callback_client, verify_signature
+from worker.notify.completion_callbacks import callback_client, verify_signature
 from worker.notify.outbox import DispatchSummary
 
 SECRET = "callback-secret-for-tests"

@@ -12,7 +12,8 @@ import pytest
 
 from tests.remote_api import RemoteAPI, Reply, remote_api
 from tests.worker_harness import worker_settings
-from worker.poller import ClaimedTask, Poller, make_clients
+from worker.domain import ClaimedTask
+from worker.polling.poller import Poller, make_clients
 
 GENERIC = json.dumps({"name": "generic", "status_path": "status", "completed_values": ["done"],
                       "running_values": ["running"], "pending_values": ["queued"],

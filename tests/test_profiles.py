@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from worker.profiles import PollReading, ProfileError, ResponseProfile, read_response
+from worker.remote.profiles import PollReading, ProfileError, ResponseProfile, read_response
 
 # The built-in profiles as supabase/migrations/*_response_profiles.sql seeds them.
 BUILTIN: dict[str, dict[str, Any]] = {

@@ -11,11 +11,11 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.factories import create_task, events, task_row
-from tests.pgcluster import Cluster, default_bin_dir
 from tests.remote_api import RemoteAPI, Reply, remote_api
 from tests.worker_harness import running_worker, wait_until
-from worker.loop import PeriodicJob
+from worker.devtools.pgcluster import Cluster, default_bin_dir
 from worker.migrate import migrate
+from worker.polling.loop import PeriodicJob
 
 DONE = Reply(json={"status": "done", "result": {"url": "https://files.example.com/r.pdf"}})
 

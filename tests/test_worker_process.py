@@ -12,9 +12,9 @@ import httpx
 import psycopg
 import pytest
 
-from tests.pgcluster import free_port
 from tests.remote_api import RemoteAPI, Reply, remote_api
 from tests.worker_harness import start_worker_process, wait_until
+from worker.devtools.pgcluster import free_port
 
 DONE = Reply(json={"status": "done", "result": {"ok": True}})
 # Slow polls must neither time out nor take every slot of the one test host.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from worker.config import Settings
-from worker.loop import PeriodicJob, Worker
+from worker.polling.loop import PeriodicJob, Worker
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker import db
+from worker import db, store
 
 _REPO = Path(__file__).resolve().parent.parent
 _PACKAGED = Path(__file__).resolve().parent / "_sql"
@@ -49,26 +49,24 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     row, so a failing one leaves nothing half-applied. Concurrent callers wait
     for each other on an advisory lock.
     """
-    q = db.queries()
     applied_now = []
     with db.connect(conninfo, autocommit=True) as conn:
-        conn.execute(q["lock_migrations"])
+        store.lock_migrations(conn)
         try:
-            if not conn.execute(q["is_supabase"]).fetchone()[0]:
+            if not store.is_supabase(conn):
                 with conn.transaction():
                     conn.execute(COMPAT_SQL.read_text(encoding="utf-8"))
             with conn.transaction():
-                conn.execute(q["create_migrations_table"])
-            done = {row[0] for row in conn.execute(q["applied_migrations"])}
+                store.create_migrations_table(conn)
+            done = store.applied_migrations(conn)
             for migration in list_migrations(directory):
                 if migration.version in done:
                     continue
                 script = migration.path.read_text(encoding="utf-8")
                 with conn.transaction():
                     conn.execute(script)
-                    row = {"version": migration.version, "name": migration.name}
-                    conn.execute(q["record_migration"], {**row, "statements": script})
+                    store.record_migration(conn, migration.version, migration.name, script)
                 applied_now.append(migration)
         finally:
-            conn.execute(q["unlock_migrations"])
+            store.unlock_migrations(conn)
     return applied_now

@@ -1,4 +1,5 @@
--- Named queries used from Python. The schema and its functions live in
+-- Named queries used from Python, each behind one function of worker/store.py (the
+-- only code that knows these names). The schema and its functions live in
 -- supabase/migrations; these are the few statements the service sends itself.
 
 -- name: is_supabase
@@ -31,11 +32,12 @@ select exists (select 1 from pg_database where datname = %(name)s)
 -- name: create_taskman_database
 create database taskman
 
--- The edge (worker/edge): run inside db.api_session, so RLS and the functions'
--- own checks decide what each caller may do. Arguments are cast explicitly so
--- an out-of-range number is a clear 22003, not an unresolved function.
+-- Tasks, as the edge and the CLI read and change them. The edge runs these inside
+-- db.api_session, so RLS and the functions' own checks decide what each caller may
+-- do. Arguments are cast explicitly so an out-of-range number is a clear 22003,
+-- not an unresolved function.
 
--- name: edge_create_task
+-- name: create_task
 select public.create_task(
   poll_url => %(poll_url)s::text, poll_method => %(poll_method)s::text,
   task_type => %(task_type)s::text, external_id => %(external_id)s::text,
@@ -46,12 +48,12 @@ select public.create_task(
   callback_url => %(callback_url)s::text, idempotency_key => %(idempotency_key)s::text,
   metadata => %(metadata)s::jsonb) as task
 
--- name: edge_get_task
+-- name: get_task
 select public.task_json(t) as task
 from public.tasks t
 where t.task_id = %(task_id)s::uuid
 
--- name: edge_list_tasks
+-- name: list_tasks
 -- Newest first; keyset pagination on (created_at, task_id), which for a user
 -- walks tasks_user_created_idx (RLS adds user_id = auth.uid()).
 select public.task_json(t) as task
@@ -65,66 +67,66 @@ where (%(statuses)s::text[] is null or t.status = any(%(statuses)s::text[]))
 order by t.created_at desc, t.task_id desc
 limit %(limit)s::integer
 
--- name: edge_task_events
+-- name: task_events
 select e.event_id, e.task_id, e.event_type, e.from_status, e.to_status, e.detail, e.created_at
 from public.task_events e
 where e.task_id = %(task_id)s::uuid and e.event_id > %(after)s::bigint
 order by e.event_id
 limit %(limit)s::integer
 
--- name: edge_task_visible
+-- name: task_visible
 select exists (select 1 from public.tasks t where t.task_id = %(task_id)s::uuid) as visible
 
--- name: edge_get_task_status
+-- name: get_task_status
 select public.get_task_status(%(task_id)s::uuid) as status
 
--- name: edge_update_task
+-- name: update_task
 select public.update_task(
   task_id => %(task_id)s::uuid, status => %(status)s::text, result => %(result)s::jsonb,
   error_message => %(error_message)s::text, progress => %(progress)s::integer,
   progress_message => %(progress_message)s::text,
   callback_token => %(callback_token)s::text) as task
 
--- name: edge_set_metadata
+-- name: set_metadata
 update public.tasks t set metadata = %(metadata)s::jsonb
 where t.task_id = %(task_id)s::uuid
 returning public.task_json(t) as task
 
--- name: edge_cancel_task
+-- name: cancel_task
 select public.cancel_task(%(task_id)s::uuid) as task
 
--- name: edge_retry_task
+-- name: retry_task
 select public.retry_task(%(task_id)s::uuid) as task
 
--- name: edge_task_stats
+-- name: task_stats
 select public.task_stats(coalesce(%(since)s::timestamptz, now() - interval '7 days')) as stats
 
--- name: edge_callback_profile
+-- name: callback_profile
 select public.callback_profile(%(task_id)s::uuid, %(callback_token)s::text) as profile
 
--- name: edge_tasks_by_status
+-- name: tasks_by_status
 select t.status, count(*) as n from public.tasks t group by t.status
 
--- name: edge_ping
+-- name: ping
 select 1
 
--- name: edge_listen
+-- name: listen
 listen taskman
 
--- The outbox (worker/notify): claim due deliveries, record what happened.
+-- The outbox (worker.notify): claim due deliveries, record what happened.
 
--- name: outbox_claim
+-- name: claim_outbox
 select * from public.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
                                   %(lease_seconds)s::integer)
 
--- name: outbox_record
-select * from public.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
-                                           %(base_delay_seconds)s::float8,
-                                           %(max_delay_seconds)s::float8)
+-- name: record_outbox_results
+select outcome from public.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
+                                                 %(base_delay_seconds)s::float8,
+                                                 %(max_delay_seconds)s::float8)
 
--- The worker (worker/loop.py): claim, record, sweep, release, and when to wake.
+-- The polling service (worker.polling): claim, record, sweep, release, and when to wake.
 
--- name: worker_claim
+-- name: claim_due_tasks
 -- poll_body and profile come as JSON text: the body is sent as is, and the
 -- profile text keys the worker's cache of compiled profiles.
 select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_body,
@@ -132,16 +134,16 @@ select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_bod
 from public.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
                             %(lease_seconds)s::integer)
 
--- name: worker_record
+-- name: record_poll_results
 select count(*) as recorded from public.record_poll_results(%(results)s::jsonb)
 
--- name: worker_expire_overdue
+-- name: expire_overdue_tasks
 select public.expire_overdue_tasks() as expired
 
--- name: worker_release
+-- name: release_tasks
 select public.release_tasks(%(worker_id)s::text) as released
 
--- name: worker_seconds_until_due
+-- name: seconds_until_due
 -- min() over tasks_due_idx (same predicate): one index probe however many tasks
 -- wait. Leased tasks count too, at their lease expiry: a crashed worker's tasks
 -- wake a worker when they fall due again.
@@ -149,8 +151,6 @@ select extract(epoch from min(t.next_poll_at) - now())::float8 as seconds
 from public.tasks t
 where t.status in ('pending', 'in_progress') and t.poll_url is not null
 
--- name: worker_listen
-listen taskman
 
 -- name: live_demo_tasks
 select exists (

@@ -12,7 +12,6 @@ from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.config import Settings
-from worker.demo import remote as demo_remote
 from worker.edge import dashboard, routes
 from worker.edge.auth import Authenticator
 from worker.edge.errors import error_body, install_error_handlers
@@ -23,14 +22,13 @@ POOL_TIMEOUT_SECONDS = 10.0
 
 
 def create_app(
-    settings: Settings, conninfo: str, *, keepalive_seconds: float = 15.0, demo: bool = False
+    settings: Settings, conninfo: str, *, keepalive_seconds: float = 15.0
 ) -> FastAPI:
     """The edge app for the database at ``conninfo``.
 
     The connection pool and the shared LISTEN connection open when the app starts
     and close when it stops; a database that is down at start makes ``/healthz``
-    answer 503 until it is back, rather than preventing the start. With ``demo``
-    (``taskman dev``) it also serves the simulated remote that demo tasks poll.
+    answer 503 until it is back, rather than preventing the start.
     """
     pool = ConnectionPool(
         conninfo,
@@ -74,8 +72,6 @@ def create_app(
     app.include_router(routes.seed_router)
     app.include_router(routes.public_router, tags=["public"])
     app.include_router(dashboard.router)
-    if demo:  # `taskman dev` only: the simulated remote the demo tasks poll
-        app.include_router(demo_remote)
     # The last added is the outermost: metrics see every answer, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.edge_max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

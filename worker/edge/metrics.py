@@ -16,13 +16,11 @@ from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker import db
+from worker import db, store
+from worker.domain import STATUSES
 from worker.edge.auth import SERVICE
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
-
 
 class TaskStatusCollector(Collector):
     """``taskman_tasks{status}`` and ``taskman_database_up``, read at scrape time."""
@@ -36,9 +34,8 @@ class TaskStatusCollector(Collector):
         try:
             with self._pool.connection(timeout=5) as conn, db.api_session(
                 conn, SERVICE.role, SERVICE.claims
-            ) as cur:
-                rows = cur.execute(db.queries()["edge_tasks_by_status"]).fetchall()
-            counts = {r["status"]: r["n"] for r in rows}
+            ):
+                counts = store.tasks_by_status(conn)
         except Exception as exc:  # a scrape must answer even when the database does not
             log.warning("metrics: cannot count tasks: %s", exc)
             up.add_metric([], 0)

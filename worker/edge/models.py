@@ -1,9 +1,10 @@
 """Request and response bodies of the edge, as pydantic models (and so its OpenAPI schema).
 
-Request models check shapes and bounds early so that no input reaches the driver in
-a form it cannot send; the database remains the authority on every rule and
-answers with errors that name the field. They are strict: ``"60"`` is not a number,
-so what the OpenAPI schema says is exactly what is accepted.
+The request models shared with the CLI (``TaskCreate``, ``TaskReport``) live in
+worker.domain; they check shapes and bounds early so that no input reaches the driver
+in a form it cannot send, while the database remains the authority on every rule and
+answers with errors that name the field. They are strict: ``"60"`` is not a number, so
+what the OpenAPI schema says is exactly what is accepted.
 """
 
 from __future__ import annotations
@@ -13,35 +14,9 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
-from worker import db
-
-
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
-def _text(max_length: int, min_length: int = 0) -> Any:
-    """A string PostgreSQL can store: no NUL characters, at most ``max_length`` long."""
-    return Annotated[
-        str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)
-    ]
-
-
-Url = _text(2048)
-Method = _text(10)
-TaskType = _text(64)
-ExternalId = _text(255)
-HeaderName = _text(256)
-HeaderValue = _text(8192)
-IdempotencyKey = _text(255, min_length=1)
-ErrorMessage = _text(2000)
-ProgressMessage = _text(1000)
-Token = _text(200)
-
+from worker.domain import JsonObject, Status, TaskReport, Token
 
 _ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
@@ -54,53 +29,6 @@ def _iso_datetime(value: Any) -> Any:
 
 
 DateTimeParam = Annotated[datetime, BeforeValidator(_iso_datetime)]
-
-Status = Literal["pending", "in_progress", "completed", "failed", "cancelled"]
-ReportedStatus = Literal["in_progress", "completed", "failed", "cancelled"]
-JsonObject = dict[str, JsonValue]
-
-
-class TaskCreate(BaseModel):
-    """The arguments of ``create_task``; every field is optional."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    poll_url: Url | None = Field(
-        None, description="Status URL to poll; omit for a task that waits for a callback."
-    )
-    poll_method: Method | None = Field(None, description="GET (default), POST, PUT or PATCH.")
-    task_type: TaskType | None = Field(None, description="Category; also picks the profile.")
-    external_id: ExternalId | None = None
-    poll_headers: dict[HeaderName, HeaderValue] | None = Field(
-        None, description="Headers sent when polling; write-only, never returned."
-    )
-    poll_body: JsonValue = None
-    poll_config: JsonObject | None = Field(None, description="Response profile overrides.")
-    poll_interval_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
-    max_attempts: Annotated[int, Field(ge=1, le=1_000)] | None = None
-    timeout_minutes: Annotated[int, Field(ge=1, le=525_600)] | None = None
-    callback_url: Url | None = Field(None, description="POSTed the task when it ends.")
-    idempotency_key: IdempotencyKey | None = None
-    metadata: JsonObject | None = None
-
-    def query_args(self) -> dict[str, Any]:
-        """The arguments of the ``edge_create_task`` query (JSON fields as jsonb)."""
-        args = self.model_dump()
-        for name in ("poll_headers", "poll_body", "poll_config", "metadata"):
-            args[name] = db.json_arg(args[name])
-        return args
-
-
-class TaskReport(BaseModel):
-    """What a remote (or the service) reports about a task: the arguments of ``update_task``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    status: ReportedStatus | None = None
-    result: JsonValue = None
-    error_message: ErrorMessage | None = None
-    progress: Annotated[int, Field(ge=0, le=100)] | None = None
-    progress_message: ProgressMessage | None = None
 
 
 class TaskUpdate(TaskReport):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -20,13 +20,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from worker import db
+from worker import db, store
+from worker.domain import Status, TaskCreate, TaskReport
 from worker.edge.auth import ANONYMOUS, Caller, Principal
-from worker.edge.callbacks import plain_report, report_from_profile
 from worker.edge.errors import ApiError, error_responses, not_found
+from worker.edge.incoming_callbacks import plain_report, report_from_profile
 from worker.edge.models import (
     CallbackAck,
     CreatedTask,
@@ -34,16 +34,15 @@ from worker.edge.models import (
     EventPage,
     Health,
     Stats,
-    Status,
     Task,
-    TaskCreate,
     TaskPage,
     TaskPatch,
-    TaskReport,
     TaskStatus,
     TaskUpdate,
 )
 from worker.edge.sse import event_stream
+
+T = TypeVar("T")
 
 # The only query parameter that may be repeated (?status=failed&status=cancelled).
 _LIST_PARAMETERS = frozenset({"status"})
@@ -67,34 +66,23 @@ TaskId = Annotated[UUID, Path(description="The task's id.")]
 
 
 @contextmanager
-def _session(request: Request, principal: Principal) -> Iterator[psycopg.Cursor]:
+def _session(request: Request, principal: Principal) -> Iterator[psycopg.Connection[Any]]:
     """One transaction as ``principal``, on a pooled connection."""
     pool: ConnectionPool = request.app.state.pool
-    with pool.connection() as conn, db.api_session(conn, principal.role, principal.claims) as cur:
-        yield cur
+    with pool.connection() as conn, db.api_session(conn, principal.role, principal.claims):
+        yield conn
 
 
-def _fetch(cur: psycopg.Cursor, query: str, **params: Any) -> dict[str, Any] | None:
-    return cur.execute(db.queries()[query], params).fetchone()
-
-
-def _call(request: Request, principal: Principal, query: str, **params: Any) -> Any:
-    """Run a one-row, one-column query as ``principal`` and return that value."""
-    with _session(request, principal) as cur:
-        row = _fetch(cur, query, **params)
-    return next(iter(row.values())) if row else None
+def _call(request: Request, principal: Principal, call: Callable[..., T], *args: Any) -> T:
+    """``call(conn, *args)``, a store function, in one transaction as ``principal``."""
+    with _session(request, principal) as conn:
+        return call(conn, *args)
 
 
 def _create(request: Request, principal: Principal, body: TaskCreate, response: Response) -> Any:
-    task = _call(request, principal, "edge_create_task", **body.query_args())
+    task = _call(request, principal, store.create_task, body)
     response.status_code = 200 if task.get("idempotent_replay") else 201
     return task
-
-
-def _report_args(report: TaskReport) -> dict[str, Any]:
-    args = report.model_dump(include=set(TaskReport.model_fields))
-    args["result"] = db.json_arg(args["result"])
-    return args
 
 
 # --- tasks -------------------------------------------------------------------------------
@@ -149,21 +137,13 @@ def list_tasks(
     """The caller's tasks (all of them for the service), newest first, a page at a time.
     Pagination is by keyset: pass the answer's ``next_cursor`` as ``cursor`` for the next,
     older page; pages stay consistent while new tasks arrive."""
-    before_created_at, before_task_id = _decode_cursor(cursor) if cursor else (None, None)
-    with _session(request, caller) as cur:
-        rows = cur.execute(
-            db.queries()["edge_list_tasks"],
-            {
-                "statuses": status,
-                "task_type": task_type,
-                "created_from": created_from,
-                "created_to": created_to,
-                "before_created_at": before_created_at,
-                "before_task_id": before_task_id,
-                "limit": limit + 1,
-            },
-        ).fetchall()
-    tasks = [r["task"] for r in rows[:limit]]
+    with _session(request, caller) as conn:
+        rows = store.list_tasks(
+            conn, limit=limit + 1, statuses=status, task_type=task_type,
+            created_from=created_from, created_to=created_to,
+            before=_decode_cursor(cursor) if cursor else None,
+        )
+    tasks = rows[:limit]
     next_cursor = _encode_cursor(tasks[-1]) if len(rows) > limit else None
     return {"tasks": tasks, "next_cursor": next_cursor}
 
@@ -171,7 +151,7 @@ def list_tasks(
 @router.get("/tasks/{task_id}", response_model=Task, summary="Read a task",
             responses=error_responses(404))
 def get_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
-    task = _call(request, caller, "edge_get_task", task_id=task_id)
+    task = _call(request, caller, store.get_task, task_id)
     if task is None:
         raise not_found(f"task {task_id}")
     return task
@@ -193,13 +173,11 @@ def patch_task(request: Request, caller: Caller, task_id: TaskId, body: TaskPatc
     if not report and body.metadata is None:
         raise ApiError(422, "invalid_argument", "Nothing to change: send metadata or a report.")
     task = None
-    with _session(request, caller) as cur:
+    with _session(request, caller) as conn:
         if report:
-            task = _fetch(cur, "edge_update_task", task_id=task_id, callback_token=None,
-                          **_report_args(body))["task"]
+            task = store.update_task(conn, task_id, body)
         if body.metadata is not None:
-            row = _fetch(cur, "edge_set_metadata", task_id=task_id, metadata=Jsonb(body.metadata))
-            task = row["task"] if row else None
+            task = store.set_metadata(conn, task_id, body.metadata)
     if task is None:
         raise not_found(f"task {task_id}")
     return task
@@ -215,11 +193,10 @@ def task_events(
     limit: Annotated[int, Query(ge=1, le=1_000)] = 200,
 ) -> Any:
     """The task's events, oldest first, a page at a time (``after`` an event id)."""
-    with _session(request, caller) as cur:
-        if not _fetch(cur, "edge_task_visible", task_id=task_id)["visible"]:
+    with _session(request, caller) as conn:
+        if not store.task_visible(conn, task_id):
             raise not_found(f"task {task_id}")
-        params = {"task_id": task_id, "after": after, "limit": limit + 1}
-        rows = cur.execute(db.queries()["edge_task_events"], params).fetchall()
+        rows = store.task_events(conn, task_id, after=after, limit=limit + 1)
     events = rows[:limit]
     return {"events": events, "next_after": events[-1]["event_id"] if len(rows) > limit else None}
 
@@ -227,14 +204,14 @@ def task_events(
 @router.post("/tasks/{task_id}/cancel", response_model=Task, summary="Cancel a task",
              responses=error_responses(404, 409))
 def cancel_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
-    return _call(request, caller, "edge_cancel_task", task_id=task_id)
+    return _call(request, caller, store.cancel_task, task_id)
 
 
 @router.post("/tasks/{task_id}/retry", response_model=Task, summary="Retry a task",
              responses=error_responses(404, 409))
 def retry_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
     """Run a failed or cancelled task again, with fresh counters and deadline."""
-    return _call(request, caller, "edge_retry_task", task_id=task_id)
+    return _call(request, caller, store.retry_task, task_id)
 
 
 @router.get("/stats", response_model=Stats, summary="Figures over the caller's tasks")
@@ -243,7 +220,7 @@ def stats(
     caller: Caller,
     since: Annotated[DateTimeParam | None, Query(description="Default: 7 days ago.")] = None,
 ) -> Any:
-    return _call(request, caller, "edge_task_stats", since=since)
+    return _call(request, caller, store.task_stats, since)
 
 
 # --- the seed's n8n routes -----------------------------------------------------------------
@@ -264,7 +241,7 @@ def seed_create_task(request: Request, caller: Caller, body: TaskCreate, respons
 @seed_router.get("/task-status/{task_id}", response_model=TaskStatus,
                  summary="A task's status (the seed's webhook)", responses=error_responses(404))
 def seed_task_status(request: Request, caller: Caller, task_id: TaskId) -> Any:
-    return _call(request, caller, "edge_get_task_status", task_id=task_id)
+    return _call(request, caller, store.get_task_status, task_id)
 
 
 @seed_router.post("/update-task/{task_id}", response_model=Task,
@@ -273,8 +250,7 @@ def seed_task_status(request: Request, caller: Caller, task_id: TaskId) -> Any:
 def seed_update_task(request: Request, caller: Caller, task_id: TaskId, body: TaskUpdate) -> Any:
     """``update_task``: with an API key as the service; otherwise the body must carry the
     task's ``callback_token``."""
-    return _call(request, caller, "edge_update_task", task_id=task_id,
-                 callback_token=body.callback_token, **_report_args(body))
+    return _call(request, caller, store.update_task, task_id, body, body.callback_token)
 
 
 # --- callbacks from third parties -----------------------------------------------------------
@@ -307,11 +283,9 @@ def _apply_callback(request: Request, task_id: UUID, token: str, raw: bytes) -> 
     report, problem = plain_report(raw)
     if report is None:
         # Reading the profile checks the token: a wrong one is 403 before anything is read.
-        profile = _call(request, ANONYMOUS, "edge_callback_profile", task_id=task_id,
-                        callback_token=token)
+        profile = _call(request, ANONYMOUS, store.callback_profile, task_id, token)
         report = report_from_profile(profile, request.headers, raw, problem)
-    task = _call(request, ANONYMOUS, "edge_update_task", task_id=task_id, callback_token=token,
-                 **_report_args(report))
+    task = _call(request, ANONYMOUS, store.update_task, task_id, report, token)
     return {"task_id": task["task_id"], "status": task["status"]}
 
 
@@ -323,7 +297,7 @@ def _apply_callback(request: Request, task_id: UUID, token: str, raw: bytes) -> 
 def healthz(request: Request) -> Any:
     try:
         with request.app.state.pool.connection(timeout=5) as conn:
-            conn.execute(db.queries()["edge_ping"])
+            store.ping(conn)
     except psycopg.Error:
         raise ApiError(503, "database_unavailable", "The database is unavailable.") from None
     return {"status": "ok", "database": "ok"}

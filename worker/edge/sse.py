@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from worker import db
+from worker import store
 from worker.edge.auth import Principal
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class TaskEventHub:
                 async with await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, application_name="taskman-edge-events"
                 ) as conn:
-                    await conn.execute(db.queries()["edge_listen"])
+                    await store.listen(conn)
                     delay = 1.0
                     async for notify in conn.notifies():
                         self._publish_payload(notify.payload)

@@ -21,12 +21,10 @@ from uuid import UUID
 
 import httpx
 import psycopg
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from worker import db
+from worker import store
 from worker.config import Settings
-from worker.notify.callbacks import CallbackSender
+from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.slack import SlackAlerter, alert_text
 
@@ -77,7 +75,7 @@ class OutboxDispatcher:
             max(settings.lease_seconds, math.ceil(settings.callback_timeout_seconds * waves)),
         )
 
-    async def run_once(self, conn: psycopg.AsyncConnection) -> DispatchSummary:
+    async def run_once(self, conn: psycopg.AsyncConnection[Any]) -> DispatchSummary:
         """Claim one batch of due rows, deliver it and record the outcomes.
 
         The worker runs this as a periodic job, on a connection from its pool; a
@@ -100,32 +98,20 @@ class OutboxDispatcher:
             given_up=outcomes.count("given_up"),
         )
 
-    async def _claim(self, conn: psycopg.AsyncConnection) -> list[OutboxRow]:
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                db.queries()["outbox_claim"],
-                {
-                    "worker_id": self.worker_id,
-                    "batch_size": self._settings.outbox_batch_size,
-                    "lease_seconds": self._lease_seconds,
-                },
-            )
-            return [OutboxRow(**row) for row in await cur.fetchall()]
+    async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[OutboxRow]:
+        rows = await store.claim_outbox(conn, self.worker_id, self._settings.outbox_batch_size,
+                                        self._lease_seconds)
+        return [OutboxRow(**row) for row in rows]
 
     async def _record(
-        self, conn: psycopg.AsyncConnection, results: Sequence[dict[str, Any]]
+        self, conn: psycopg.AsyncConnection[Any], results: Sequence[dict[str, Any]]
     ) -> list[str]:
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                db.queries()["outbox_record"],
-                {
-                    "results": Jsonb(list(results)),
-                    "max_attempts": self._settings.outbox_max_attempts,
-                    "base_delay_seconds": self._settings.outbox_retry_base_seconds,
-                    "max_delay_seconds": self._settings.outbox_retry_max_seconds,
-                },
-            )
-            return [row["outcome"] for row in await cur.fetchall()]
+        return await store.record_outbox_results(
+            conn, results,
+            max_attempts=self._settings.outbox_max_attempts,
+            base_delay_seconds=self._settings.outbox_retry_base_seconds,
+            max_delay_seconds=self._settings.outbox_retry_max_seconds,
+        )
 
     async def _deliver_alerts(self, rows: Sequence[OutboxRow]) -> list[dict[str, Any]]:
         """Every alert of the batch in one Slack message; its fate is theirs."""

@@ -19,9 +19,9 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook import WebhookClient
 
-from worker.backoff import parse_retry_after
 from worker.config import Settings
 from worker.notify.delivery import Delivery
+from worker.remote.backoff import parse_retry_after
 
 # A digest lists this many tasks, then counts the rest.
 MAX_LISTED = 20

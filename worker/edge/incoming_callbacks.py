@@ -9,9 +9,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from worker.domain import TaskReport
 from worker.edge.errors import ApiError
-from worker.edge.models import TaskReport
-from worker.profiles import ProfileError, ResponseProfile, read_response
+from worker.remote.profiles import ProfileError, ResponseProfile, read_response
 
 _STATUS_OF_STATE = {"completed": "completed", "failed": "failed", "running": "in_progress"}
 

@@ -8,42 +8,22 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
-from uuid import UUID
+from typing import Literal
 
 import httpx
 
-from worker import backoff
 from worker.config import Settings
-from worker.netguard import BlockedURL, GuardedTransport, NetworkPolicy
-from worker.profiles import ProfileError, ResponseProfile, read_response
+from worker.domain import ClaimedTask, PollOutcome
+from worker.remote import backoff
+from worker.remote.netguard import BlockedURL, GuardedTransport, NetworkPolicy
+from worker.remote.profiles import ProfileError, ResponseProfile, read_response
 
 MAX_REDIRECTS = 5
 # What record_poll_results keeps of a raw body; sending more would only be cut there.
 MAX_RAW_RESPONSE = 65_536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedTask:
-    """What polling needs from a claim (the ``worker_claim`` query's columns).
-
-    `poll_body` and `profile` stay JSON text: the body is sent as is, and the profile
-    text is the key under which its compiled form is cached.
-    """
-
-    task_id: UUID
-    poll_url: str
-    poll_method: str
-    poll_headers: dict[str, str]
-    poll_body: str | None
-    profile: str
-    attempt_count: int
-    error_count: int
-    poll_interval_seconds: int
 
 
 class ResponseTooLarge(Exception):
@@ -101,9 +81,9 @@ class Poller:
         self.worker_id = worker_id
         self.rand = rand
 
-    async def poll(self, task: ClaimedTask) -> dict[str, Any]:
+    async def poll(self, task: ClaimedTask) -> PollOutcome:
         """Poll `task` once; never raises for anything the remote or the network does."""
-        outcome: dict[str, Any] = {"task_id": str(task.task_id), "worker_id": self.worker_id}
+        outcome: PollOutcome = {"task_id": str(task.task_id), "worker_id": self.worker_id}
         try:
             profile = compiled_profile(task.profile)
         except ProfileError as exc:
@@ -170,7 +150,7 @@ class Poller:
 
     def _interpret(
         self, task: ClaimedTask, profile: ResponseProfile, response: httpx.Response, body: bytes
-    ) -> dict[str, Any]:
+    ) -> PollOutcome:
         code = response.status_code
         raw = body[:MAX_RAW_RESPONSE].decode("utf-8", "replace").replace("\x00", "\ufffd")
         seen = {"http_status": code, "raw_response": raw}
@@ -206,7 +186,7 @@ class Poller:
     def _retry(
         self, task: ClaimedTask, reason: str | None, *, wait: float | None = None,
         unreadable: bool = False,
-    ) -> dict[str, Any]:
+    ) -> PollOutcome:
         """A transient failure: counts toward max_attempts, polled again after a backoff."""
         if wait is None:
             wait = backoff.retry_delay(
@@ -227,7 +207,8 @@ def compiled_profile(profile_json: str) -> ResponseProfile:
     return ResponseProfile.from_dict(json.loads(profile_json))
 
 
-def _failed(code: str, message: str | None, raw_error: str | None = None) -> dict[str, Any]:
+def _failed(code: Literal["poll_error", "invalid_response"], message: str | None,
+            raw_error: str | None = None) -> PollOutcome:
     """A final failure: the task ends with `code`; `message` is shown to its owner."""
     return {"ok": False, "status": "failed", "error_code": code, "error_message": message,
             "raw_error": raw_error or message}

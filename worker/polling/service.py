@@ -6,10 +6,10 @@ import asyncio
 import signal
 
 from worker.config import Settings
-from worker.loop import PeriodicJob, Worker, new_worker_id
-from worker.metrics import WorkerMetrics
-from worker.notify.callbacks import callback_client
+from worker.notify.completion_callbacks import callback_client
 from worker.notify.outbox import OutboxDispatcher
+from worker.polling.loop import PeriodicJob, Worker, new_worker_id
+from worker.polling.metrics import WorkerMetrics
 
 # Alerts and callbacks go out within about this long of a task ending.
 OUTBOX_INTERVAL_SECONDS = 1.0

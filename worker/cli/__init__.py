@@ -1,0 +1,1 @@
+"""The ``taskman`` command line."""

@@ -1,0 +1,1 @@
+"""The polling service: claim due tasks, poll them, record outcomes, run periodic jobs."""

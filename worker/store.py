@@ -1,0 +1,249 @@
+"""The store: one typed function per statement of ``queries.sql``.
+
+This is the only module that knows the queries' names. Each function takes the
+connection to run on (inside ``db.api_session`` for the edge's callers) and picks its
+own row shape, so callers never depend on a connection's row factory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import class_row, dict_row, scalar_row
+
+from worker import db
+from worker.domain import ClaimedTask, JsonObject, PollOutcome, TaskCreate, TaskReport
+
+Row = dict[str, Any]
+_JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata")
+
+
+def _q(name: str) -> str:
+    return db.queries()[name]
+
+
+def _scalar(conn: psycopg.Connection[Any], name: str, params: Row | None = None) -> Any:
+    """The single value the query returns (None when it returns no row)."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(_q(name), params).fetchone()
+
+
+def _rows(conn: psycopg.Connection[Any], name: str, params: Row | None = None) -> list[Row]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_q(name), params).fetchall()
+
+
+# --- migrations and the embedded database -----------------------------------------------
+
+
+def is_supabase(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the database is a Supabase project (which needs no compatibility script)."""
+    return bool(_scalar(conn, "is_supabase"))
+
+
+def lock_migrations(conn: psycopg.Connection[Any]) -> None:
+    """Wait for, then hold, the session lock that serialises ``taskman migrate`` runs."""
+    _scalar(conn, "lock_migrations")
+
+
+def unlock_migrations(conn: psycopg.Connection[Any]) -> None:
+    _scalar(conn, "unlock_migrations")
+
+
+def create_migrations_table(conn: psycopg.Connection[Any]) -> None:
+    """Create the Supabase CLI's bookkeeping table if it is missing."""
+    conn.execute(_q("create_migrations_table"))
+
+
+def applied_migrations(conn: psycopg.Connection[Any]) -> set[str]:
+    """The versions already applied."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return set(cur.execute(_q("applied_migrations")).fetchall())
+
+
+def record_migration(conn: psycopg.Connection[Any], version: str, name: str,
+                     statements: str) -> None:
+    conn.execute(_q("record_migration"),
+                 {"version": version, "name": name, "statements": statements})
+
+
+def database_exists(conn: psycopg.Connection[Any], name: str) -> bool:
+    return bool(_scalar(conn, "database_exists", {"name": name}))
+
+
+def create_taskman_database(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(_q("create_taskman_database"))
+
+
+# --- tasks, as the edge and the CLI see them ----------------------------------------------
+
+
+def create_task(conn: psycopg.Connection[Any], task: TaskCreate) -> Row:
+    """``create_task``: the new task with its callback token, or the existing one on replay."""
+    args = task.model_dump()
+    for name in _JSON_ARGUMENTS:
+        args[name] = db.json_arg(args[name])
+    return _scalar(conn, "create_task", args)
+
+
+def get_task(conn: psycopg.Connection[Any], task_id: UUID | str) -> Row | None:
+    """The task's public JSON, or None if it does not exist or the caller may not see it."""
+    return _scalar(conn, "get_task", {"task_id": task_id})
+
+
+def list_tasks(
+    conn: psycopg.Connection[Any],
+    *,
+    limit: int,
+    statuses: Sequence[str] | None = None,
+    task_type: str | None = None,
+    created_from: datetime | None = None,
+    created_to: datetime | None = None,
+    before: tuple[datetime, UUID] | None = None,
+) -> list[Row]:
+    """Visible tasks, newest first; ``before`` is the (created_at, task_id) keyset cursor."""
+    before_created_at, before_task_id = before or (None, None)
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(_q("list_tasks"), {
+            "statuses": list(statuses) if statuses else None, "task_type": task_type,
+            "created_from": created_from, "created_to": created_to,
+            "before_created_at": before_created_at, "before_task_id": before_task_id,
+            "limit": limit,
+        }).fetchall()
+
+
+def task_visible(conn: psycopg.Connection[Any], task_id: UUID | str) -> bool:
+    return bool(_scalar(conn, "task_visible", {"task_id": task_id}))
+
+
+def task_events(conn: psycopg.Connection[Any], task_id: UUID | str, *, after: int,
+                limit: int) -> list[Row]:
+    """The task's events with ids above ``after``, oldest first."""
+    return _rows(conn, "task_events", {"task_id": task_id, "after": after, "limit": limit})
+
+
+def get_task_status(conn: psycopg.Connection[Any], task_id: UUID | str) -> Row:
+    return _scalar(conn, "get_task_status", {"task_id": task_id})
+
+
+def update_task(conn: psycopg.Connection[Any], task_id: UUID | str, report: TaskReport,
+                callback_token: str | None = None) -> Row:
+    """``update_task``: a report by the service, or by the holder of ``callback_token``."""
+    args = report.model_dump(include=set(TaskReport.model_fields))
+    args["result"] = db.json_arg(args["result"])
+    return _scalar(conn, "update_task",
+                   {**args, "task_id": task_id, "callback_token": callback_token})
+
+
+def set_metadata(conn: psycopg.Connection[Any], task_id: UUID | str,
+                 metadata: JsonObject) -> Row | None:
+    """Replace the task's metadata; None if the caller may not see the task."""
+    return _scalar(conn, "set_metadata",
+                   {"task_id": task_id, "metadata": db.json_arg(metadata)})
+
+
+def cancel_task(conn: psycopg.Connection[Any], task_id: UUID | str) -> Row:
+    return _scalar(conn, "cancel_task", {"task_id": task_id})
+
+
+def retry_task(conn: psycopg.Connection[Any], task_id: UUID | str) -> Row:
+    return _scalar(conn, "retry_task", {"task_id": task_id})
+
+
+def task_stats(conn: psycopg.Connection[Any], since: datetime | None) -> Row:
+    """``task_stats`` since ``since`` (default: 7 days ago)."""
+    return _scalar(conn, "task_stats", {"since": since})
+
+
+def callback_profile(conn: psycopg.Connection[Any], task_id: UUID | str,
+                     callback_token: str) -> Row:
+    """The profile a third party's callback is read with; PT403 for a wrong token."""
+    return _scalar(conn, "callback_profile",
+                   {"task_id": task_id, "callback_token": callback_token})
+
+
+def tasks_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    return {r["status"]: r["n"] for r in _rows(conn, "tasks_by_status")}
+
+
+def ping(conn: psycopg.Connection[Any]) -> None:
+    _scalar(conn, "ping")
+
+
+def live_demo_tasks(conn: psycopg.Connection[Any]) -> bool:
+    """Whether demo tasks are still running."""
+    return bool(_scalar(conn, "live_demo_tasks"))
+
+
+# --- the polling service and the outbox (asyncio) -------------------------------------------
+
+
+async def listen(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Subscribe ``conn`` to the ``taskman`` channel (new tasks and status changes)."""
+    await conn.execute(_q("listen"))
+
+
+async def claim_due_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
+                          batch_size: int, lease_seconds: int) -> list[ClaimedTask]:
+    async with conn.cursor(row_factory=class_row(ClaimedTask)) as cur:
+        await cur.execute(_q("claim_due_tasks"), {
+            "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds})
+        return await cur.fetchall()
+
+
+async def record_poll_results(conn: psycopg.AsyncConnection[Any],
+                              outcomes: Sequence[PollOutcome]) -> int:
+    """Write a batch of poll outcomes; returns how many were recorded."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("record_poll_results"), {"results": json.dumps(outcomes)})
+        return await cur.fetchone()
+
+
+async def expire_overdue_tasks(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Fail every live task past its deadline; returns how many."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("expire_overdue_tasks"))
+        return await cur.fetchone()
+
+
+async def release_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str) -> int:
+    """Give back ``worker_id``'s leases; returns how many tasks were released."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("release_tasks"), {"worker_id": worker_id})
+        return await cur.fetchone()
+
+
+async def seconds_until_due(conn: psycopg.AsyncConnection[Any]) -> float | None:
+    """Seconds until the next live task falls due (negative if overdue); None if none waits."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("seconds_until_due"))
+        return await cur.fetchone()
+
+
+async def claim_outbox(conn: psycopg.AsyncConnection[Any], worker_id: str, batch_size: int,
+                       lease_seconds: int) -> list[Row]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_q("claim_outbox"), {
+            "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds})
+        return await cur.fetchall()
+
+
+async def record_outbox_results(
+    conn: psycopg.AsyncConnection[Any],
+    results: Sequence[Row],
+    *,
+    max_attempts: int,
+    base_delay_seconds: float,
+    max_delay_seconds: float,
+) -> list[str]:
+    """Write a batch of delivery attempts; returns each row's outcome."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("record_outbox_results"), {
+            "results": db.json_arg(list(results)), "max_attempts": max_attempts,
+            "base_delay_seconds": base_delay_seconds, "max_delay_seconds": max_delay_seconds})
+        return await cur.fetchall()
