@@ -15,12 +15,12 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/taskman dev --demo $(DEV_ARGS)
 
-test: $(STAMP)
-	$(BIN)/ruff check worker tests bench scripts
+test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests bench scripts
+	$(BIN)/mypy
 
 migrate: $(STAMP)
 	$(BIN)/taskman migrate

@@ -33,25 +33,18 @@ def _no_nul(value: str) -> str:
     return value
 
 
-def _text(max_length: int, min_length: int = 0) -> Any:
-    """A string PostgreSQL can store: no NUL characters, at most ``max_length`` long."""
-    return Annotated[
-        str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)
-    ]
-
-
-Url = _text(2048)
-Method = _text(10)
-TaskType = _text(64)
-ExternalId = _text(255)
-HeaderName = _text(256)
-HeaderValue = _text(8192)
-IdempotencyKey = _text(255, min_length=1)
-ErrorMessage = _text(2000)
-ProgressMessage = _text(1000)
-Token = _text(200)
-
-
+# Strings PostgreSQL can store: no NUL characters, bounded lengths.
+_Storable = AfterValidator(_no_nul)
+Url = Annotated[str, Field(max_length=2048), _Storable]
+Method = Annotated[str, Field(max_length=10), _Storable]
+TaskType = Annotated[str, Field(max_length=64), _Storable]
+ExternalId = Annotated[str, Field(max_length=255), _Storable]
+HeaderName = Annotated[str, Field(max_length=256), _Storable]
+HeaderValue = Annotated[str, Field(max_length=8192), _Storable]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), _Storable]
+ErrorMessage = Annotated[str, Field(max_length=2000), _Storable]
+ProgressMessage = Annotated[str, Field(max_length=1000), _Storable]
+Token = Annotated[str, Field(max_length=200), _Storable]
 
 
 class TaskCreate(BaseModel):

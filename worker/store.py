@@ -24,6 +24,7 @@ _JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata")
 
 
 def _q(name: str) -> str:
+    """The text of the named query."""
     return db.queries()[name]
 
 
@@ -31,6 +32,13 @@ def _scalar(conn: psycopg.Connection[Any], name: str, params: Row | None = None)
     """The single value the query returns (None when it returns no row)."""
     with conn.cursor(row_factory=scalar_row) as cur:
         return cur.execute(_q(name), params).fetchone()
+
+
+async def _ascalar(conn: psycopg.AsyncConnection[Any], name: str,
+                   params: Row | None = None) -> Any:
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q(name), params)
+        return await cur.fetchone()
 
 
 def _rows(conn: psycopg.Connection[Any], name: str, params: Row | None = None) -> list[Row]:
@@ -199,30 +207,23 @@ async def claim_due_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
 async def record_poll_results(conn: psycopg.AsyncConnection[Any],
                               outcomes: Sequence[PollOutcome]) -> int:
     """Write a batch of poll outcomes; returns how many were recorded."""
-    async with conn.cursor(row_factory=scalar_row) as cur:
-        await cur.execute(_q("record_poll_results"), {"results": json.dumps(outcomes)})
-        return await cur.fetchone()
+    return int(await _ascalar(conn, "record_poll_results", {"results": json.dumps(outcomes)}))
 
 
 async def expire_overdue_tasks(conn: psycopg.AsyncConnection[Any]) -> int:
     """Fail every live task past its deadline; returns how many."""
-    async with conn.cursor(row_factory=scalar_row) as cur:
-        await cur.execute(_q("expire_overdue_tasks"))
-        return await cur.fetchone()
+    return int(await _ascalar(conn, "expire_overdue_tasks"))
 
 
 async def release_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str) -> int:
     """Give back ``worker_id``'s leases; returns how many tasks were released."""
-    async with conn.cursor(row_factory=scalar_row) as cur:
-        await cur.execute(_q("release_tasks"), {"worker_id": worker_id})
-        return await cur.fetchone()
+    return int(await _ascalar(conn, "release_tasks", {"worker_id": worker_id}))
 
 
 async def seconds_until_due(conn: psycopg.AsyncConnection[Any]) -> float | None:
     """Seconds until the next live task falls due (negative if overdue); None if none waits."""
-    async with conn.cursor(row_factory=scalar_row) as cur:
-        await cur.execute(_q("seconds_until_due"))
-        return await cur.fetchone()
+    seconds = await _ascalar(conn, "seconds_until_due")
+    return None if seconds is None else float(seconds)
 
 
 async def claim_outbox(conn: psycopg.AsyncConnection[Any], worker_id: str, batch_size: int,

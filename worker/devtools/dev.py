@@ -111,4 +111,4 @@ def _redacted(conninfo: str) -> str:
     parts = conninfo_to_dict(conninfo)
     if "password" in parts:
         parts["password"] = "***"
-    return make_conninfo(**parts)
+    return make_conninfo("", **parts)

@@ -91,6 +91,7 @@ class Cluster:
         return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.process is not None, "start() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

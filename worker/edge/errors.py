@@ -134,16 +134,22 @@ _HTTP_CODES = {
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception to a JSON error answer; unexpected ones are logged as 500."""
 
-    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    # Starlette calls each handler only with its exception class, but types them all as
+    # taking any Exception: hence the asserts.
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
         return error_response(exc)
 
-    async def on_database_error(request: Request, exc: psycopg.Error) -> JSONResponse:
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, psycopg.Error)
         return error_response(database_error(exc))
 
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
         return error_response(_validation_error(exc))
 
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "error")
         response = error_response(ApiError(exc.status_code, code, str(exc.detail)))
         for name, value in (exc.headers or {}).items():

@@ -255,7 +255,7 @@ def seed_update_task(request: Request, caller: Caller, task_id: TaskId, body: Ta
 
 # --- callbacks from third parties -----------------------------------------------------------
 
-_ANY_JSON = {"content": {"application/json": {"schema": {}}}}
+_ANY_JSON: dict[str, Any] = {"content": {"application/json": {"schema": {}}}}
 
 
 @public_router.post(

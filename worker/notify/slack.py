@@ -107,11 +107,12 @@ class SlackAlerter:
         started = time.perf_counter()
         try:
             if self._webhook is not None:
-                answer = self._webhook.send(text=text)
-                status, headers, error = answer.status_code, answer.headers, answer.body
+                hooked = self._webhook.send(text=text)
+                status, headers, error = hooked.status_code, hooked.headers, hooked.body
             else:
-                answer = self._web.chat_postMessage(channel=self._channel, text=text)
-                status, headers, error = answer.status_code, answer.headers, ""
+                assert self._web is not None and self._channel is not None  # see __init__
+                posted = self._web.chat_postMessage(channel=self._channel, text=text)
+                status, headers, error = posted.status_code, posted.headers, ""
         except SlackApiError as exc:  # chat.postMessage answered ok: false
             response = exc.response
             status, headers, error = response.status_code, response.headers, response.get("error")

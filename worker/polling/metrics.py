@@ -61,7 +61,7 @@ def poll_outcome_label(outcome: Mapping[str, Any]) -> str:
     """The ``outcome`` label of a poll outcome."""
     status = outcome.get("status")
     if status == "failed":
-        return outcome["error_code"]
+        return str(outcome["error_code"])
     if not outcome["ok"]:
         return "retry"
-    return {"completed": "completed", "in_progress": "running"}.get(status, "pending")
+    return {"completed": "completed", "in_progress": "running"}.get(status or "", "pending")
