@@ -22,7 +22,7 @@ def _median_claim_ms(url: str, claims: int, batch: int) -> tuple[float, float]:
     with psycopg.connect(url, autocommit=True) as conn:
         for i in range(claims):
             start = time.perf_counter()
-            rows = conn.execute("select task_id from public.claim_due_tasks(%s, %s, 300)",
+            rows = conn.execute("select task_id from taskman.claim_due_tasks(%s, %s, 300)",
                                 (f"bench-{i}", batch)).fetchall()
             timings.append((time.perf_counter() - start) * 1000)
             assert len(rows) == batch

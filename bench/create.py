@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from bench.cluster import migrated_databases
 
-STATEMENT = ("select public.create_task(poll_url => %s, task_type => 'report',"
+STATEMENT = ("select taskman.create_task(poll_url => %s, task_type => 'report',"
              " metadata => %s, idempotency_key => %s)")
 
 

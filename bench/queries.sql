@@ -6,20 +6,20 @@ where datname = current_database() and application_name = 'taskman-worker-listen
 
 -- name: create_due_tasks
 -- Through the triggers, as clients create tasks: one statement, so one commit.
-insert into public.tasks (poll_url)
+insert into taskman.tasks (poll_url)
 select %(base_url)s || '/status/' || i from generate_series(1, %(count)s) as i
 
 -- name: create_task
-insert into public.tasks (poll_url) values (%(poll_url)s) returning task_id
+insert into taskman.tasks (poll_url) values (%(poll_url)s) returning task_id
 
 -- name: count_completed
-select count(*) from public.tasks where status = 'completed'
+select count(*) from taskman.tasks where status = 'completed'
 
 -- name: fill_tasks
 -- Bulk rows shaped as the task triggers would leave them (loaded with triggers
 -- off: loading is not what is measured): `terminal` finished tasks, `due` live
 -- tasks due now, `future` live tasks due in an hour.
-insert into public.tasks (task_id, user_id, status, task_type, poll_url, poll_method, poll_config,
+insert into taskman.tasks (task_id, user_id, status, task_type, poll_url, poll_method, poll_config,
                           poll_interval_seconds, attempt_count, error_count, max_attempts,
                           timeout_minutes, deadline_at, next_poll_at, metadata, created_at,
                           updated_at, completed_at, result, error_code)
@@ -44,8 +44,8 @@ cross join lateral (
 -- From a task's creation to its first poll being recorded, in milliseconds.
 select percentile_cont(array[0.5, 0.99]) within group (
          order by extract(epoch from e.created_at - t.created_at) * 1000)
-from public.tasks t
-join lateral (select min(e.created_at) as created_at from public.task_events e
+from taskman.tasks t
+join lateral (select min(e.created_at) as created_at from taskman.task_events e
               where e.task_id = t.task_id and e.event_type = 'polled') e on true
 
 -- name: triggers_off
@@ -53,4 +53,4 @@ join lateral (select min(e.created_at) as created_at from public.task_events e
 set session_replication_role = replica
 
 -- name: analyze_tasks
-vacuum analyze public.tasks
+vacuum analyze taskman.tasks

@@ -87,7 +87,7 @@ class PostgREST:
         """Call ``function`` with named arguments, as ``POST /rest/v1/rpc/<function>``."""
         named = ", ".join(f"{k} => %({k})s" for k in args)
         with self.request(role, sub) as cur:
-            cur.execute(f"select public.{function}({named}) as r", args)
+            cur.execute(f"select taskman.{function}({named}) as r", args)
             return cur.fetchone()["r"]
 
     def close(self) -> None:

@@ -17,18 +17,18 @@ def create_task(conn: psycopg.Connection, **args: Any) -> dict[str, Any]:
     args.setdefault("poll_url", "https://api.example.com/status/1")
     named = ", ".join(f"{k} => %({k})s" for k in args)
     values = {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in args.items()}
-    return conn.execute(f"select public.create_task({named}) as r", values).fetchone()["r"]
+    return conn.execute(f"select taskman.create_task({named}) as r", values).fetchone()["r"]
 
 
 def task_row(conn: psycopg.Connection, task_id: str) -> dict[str, Any]:
-    return conn.execute("select * from public.tasks where task_id = %s", (task_id,)).fetchone()
+    return conn.execute("select * from taskman.tasks where task_id = %s", (task_id,)).fetchone()
 
 
 def events(conn: psycopg.Connection, task_id: str) -> list[dict[str, Any]]:
     return conn.execute(
-        "select * from public.task_events where task_id = %s order by event_id", (task_id,)
+        "select * from taskman.task_events where task_id = %s order by event_id", (task_id,)
     ).fetchall()
 
 
 def set_status(conn: psycopg.Connection, task_id: str, status: str) -> None:
-    conn.execute("update public.tasks set status = %s where task_id = %s", (status, task_id))
+    conn.execute("update taskman.tasks set status = %s where task_id = %s", (status, task_id))

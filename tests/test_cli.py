@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import psycopg
 import pytest
 
 
@@ -51,7 +52,7 @@ def test_bad_usage_exits_2_with_a_message_and_changes_nothing(database_url, conn
     result = taskman(database_url, *args)
     assert result.returncode == 2
     assert message in result.stderr
-    assert conn.execute("select count(*) as n from public.tasks").fetchone()["n"] == 0
+    assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 0
 
 
 def test_unknown_task_and_refused_transition_exit_1(database_url) -> None:
@@ -67,3 +68,22 @@ def test_invalid_configuration_names_the_setting(database_url) -> None:
     result = subprocess.run([sys.executable, "-m", "worker.cli", "list"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "TASKMAN_CONCURRENCY" in result.stderr
+
+
+def test_migrate_reminds_to_expose_the_schema_until_postgrest_lists_it(database_url) -> None:
+    unknown = taskman(database_url, "migrate")
+    assert unknown.returncode == 0, unknown.stderr
+    assert "database is up to date" in unknown.stdout
+    assert "Exposed schemas" in unknown.stdout and "cannot tell" in unknown.stdout
+
+    database = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"alter role authenticator in database {database}"
+                     " set pgrst.db_schemas = 'public, graphql_public'")
+        not_listed = taskman(database_url, "migrate")
+        conn.execute(f"alter role authenticator in database {database}"
+                     " set pgrst.db_schemas = 'public, graphql_public, taskman'")
+        listed = taskman(database_url, "migrate")
+        conn.execute(f"alter role authenticator in database {database} reset pgrst.db_schemas")
+    assert "do not list it" in not_listed.stdout
+    assert "Exposed schemas" not in listed.stdout

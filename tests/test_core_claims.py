@@ -13,13 +13,13 @@ from tests.factories import create_task, events, set_status, task_row
 
 
 def _claim(conn, worker="w1", batch=100, lease=60):
-    rows = conn.execute("select * from public.claim_due_tasks(%s, %s, %s)",
+    rows = conn.execute("select * from taskman.claim_due_tasks(%s, %s, %s)",
                         (worker, batch, lease)).fetchall()
     return [str(r["task_id"]) for r in rows]
 
 
 def _record(conn, *outcomes):
-    return conn.execute("select * from public.record_poll_results(%s)",
+    return conn.execute("select * from taskman.record_poll_results(%s)",
                         (json.dumps(list(outcomes)),)).fetchall()
 
 
@@ -52,7 +52,7 @@ def test_a_leased_task_is_not_claimed_again_until_its_lease_expires(conn) -> Non
     assert _claim(conn, "w1", lease=60) == [task_id]
     assert _claim(conn, "w2") == []
     # The worker died; its lease runs out.
-    conn.execute("update public.tasks set lease_expires_at = now() - interval '1 second',"
+    conn.execute("update taskman.tasks set lease_expires_at = now() - interval '1 second',"
                  " next_poll_at = now() - interval '1 second' where task_id = %s", (task_id,))
     assert _claim(conn, "w2") == [task_id]
     assert task_row(conn, task_id)["lease_owner"] == "w2"
@@ -60,14 +60,14 @@ def test_a_leased_task_is_not_claimed_again_until_its_lease_expires(conn) -> Non
 
 def test_a_crashed_workers_task_becomes_due_when_the_lease_ends(conn) -> None:
     task_id = create_task(conn)["task_id"]
-    claimed = conn.execute("select * from public.claim_due_tasks('w1', 10, 1)").fetchone()
+    claimed = conn.execute("select * from taskman.claim_due_tasks('w1', 10, 1)").fetchone()
     assert task_row(conn, task_id)["next_poll_at"] == claimed["lease_expires_at"]
 
 
 def test_only_due_live_pollable_tasks_are_claimed(conn) -> None:
     due = create_task(conn)["task_id"]
     later = create_task(conn)["task_id"]
-    conn.execute("update public.tasks set next_poll_at = now() + interval '1 hour'"
+    conn.execute("update taskman.tasks set next_poll_at = now() + interval '1 hour'"
                  " where task_id = %s", (later,))
     create_task(conn, poll_url=None)  # waits for a callback
     for status in ("completed", "failed", "cancelled"):
@@ -78,7 +78,7 @@ def test_only_due_live_pollable_tasks_are_claimed(conn) -> None:
 def test_claim_returns_headers_and_the_effective_profile(conn) -> None:
     create_task(conn, task_type="celery", poll_headers={"X-Api-Key": "k"},
                 poll_config={"result_path": "result.url"})
-    row = conn.execute("select * from public.claim_due_tasks('w1', 10, 60)").fetchone()
+    row = conn.execute("select * from taskman.claim_due_tasks('w1', 10, 60)").fetchone()
     assert row["poll_headers"] == {"X-Api-Key": "k"}
     assert row["profile"]["name"] == "celery"
     assert row["profile"]["completed_values"] == ["SUCCESS"]
@@ -95,7 +95,7 @@ def test_claim_returns_headers_and_the_effective_profile(conn) -> None:
 def test_profile_is_chosen_by_config_then_task_type_then_generic(conn, task_type, config,
                                                                  profile) -> None:
     create_task(conn, task_type=task_type, poll_config=config)
-    row = conn.execute("select * from public.claim_due_tasks('w1', 10, 60)").fetchone()
+    row = conn.execute("select * from taskman.claim_due_tasks('w1', 10, 60)").fetchone()
     assert row["profile"]["name"] == profile
 
 
@@ -125,7 +125,7 @@ def test_record_poll_results_moves_tasks_and_writes_events_in_one_call(conn) -> 
 def test_errors_count_consecutively_and_fail_the_task_at_max_attempts(conn) -> None:
     task_id = create_task(conn, max_attempts=3)["task_id"]
     for attempt in range(1, 4):
-        conn.execute("update public.tasks set next_poll_at = now() where task_id = %s", (task_id,))
+        conn.execute("update taskman.tasks set next_poll_at = now() where task_id = %s", (task_id,))
         assert _claim(conn) == [task_id]
         _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": False, "http_status": 503,
                        "raw_error": "upstream exploded", "delay_seconds": 0})
@@ -141,7 +141,7 @@ def test_errors_count_consecutively_and_fail_the_task_at_max_attempts(conn) -> N
 def test_a_successful_poll_resets_the_error_count(conn) -> None:
     task_id = create_task(conn, max_attempts=2)["task_id"]
     for ok in (False, True, False):
-        conn.execute("update public.tasks set next_poll_at = now() where task_id = %s", (task_id,))
+        conn.execute("update taskman.tasks set next_poll_at = now() where task_id = %s", (task_id,))
         _claim(conn)
         _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": ok})
     row = task_row(conn, task_id)
@@ -159,7 +159,7 @@ def test_unreadable_answers_past_max_attempts_fail_as_invalid_response(conn) -> 
 def test_a_stale_worker_cannot_record_after_its_lease_moved_on(conn) -> None:
     task_id = create_task(conn)["task_id"]
     _claim(conn, "w1")
-    conn.execute("update public.tasks set next_poll_at = now() where task_id = %s", (task_id,))
+    conn.execute("update taskman.tasks set next_poll_at = now() where task_id = %s", (task_id,))
     _claim(conn, "w2")
     assert _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": True,
                           "status": "completed"}) == []
@@ -170,7 +170,7 @@ def test_release_tasks_gives_back_only_that_workers_leases(conn) -> None:
     mine, theirs = (create_task(conn)["task_id"] for _ in range(2))
     _claim(conn, "w1", batch=1)
     _claim(conn, "w2", batch=1)
-    assert conn.execute("select public.release_tasks('w1') as n").fetchone()["n"] == 1
+    assert conn.execute("select taskman.release_tasks('w1') as n").fetchone()["n"] == 1
     assert task_row(conn, mine)["lease_owner"] is None
     assert task_row(conn, theirs)["lease_owner"] == "w2"
     assert _claim(conn, "w3") == [mine]
@@ -180,21 +180,21 @@ def test_sweep_fails_overdue_tasks_with_timeout_even_if_never_polled(conn) -> No
     polled = create_task(conn)["task_id"]
     never_polled = create_task(conn, poll_url=None)["task_id"]
     fresh = create_task(conn)["task_id"]
-    conn.execute("update public.tasks set deadline_at = now() - interval '1 second'"
+    conn.execute("update taskman.tasks set deadline_at = now() - interval '1 second'"
                  " where task_id in (%s, %s)", (polled, never_polled))
-    assert conn.execute("select public.expire_overdue_tasks() as n").fetchone()["n"] == 2
+    assert conn.execute("select taskman.expire_overdue_tasks() as n").fetchone()["n"] == 2
     for task_id in (polled, never_polled):
         row = task_row(conn, task_id)
         assert (row["status"], row["error_code"]) == ("failed", "timeout")
         assert row["error_message"] == "The task did not finish before its deadline."
     assert task_row(conn, fresh)["status"] == "pending"
-    assert conn.execute("select public.expire_overdue_tasks() as n").fetchone()["n"] == 0
+    assert conn.execute("select taskman.expire_overdue_tasks() as n").fetchone()["n"] == 0
 
 
 def test_a_poll_past_the_deadline_fails_the_task_with_timeout(conn) -> None:
     task_id = create_task(conn)["task_id"]
     _claim(conn)
-    conn.execute("update public.tasks set deadline_at = now() where task_id = %s", (task_id,))
+    conn.execute("update taskman.tasks set deadline_at = now() where task_id = %s", (task_id,))
     _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": True, "status": "in_progress"})
     assert task_row(conn, task_id)["error_code"] == "timeout"
 

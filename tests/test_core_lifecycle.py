@@ -56,7 +56,7 @@ def test_illegal_transition_is_refused_by_the_database(conn, before, after) -> N
 @pytest.mark.parametrize("terminal", ["failed", "cancelled"])
 def test_retry_task_is_the_only_way_out_of_a_terminal_state(conn, terminal) -> None:
     task_id = _task_in(conn, terminal)
-    retried = conn.execute("select public.retry_task(%s) as r", (task_id,)).fetchone()["r"]
+    retried = conn.execute("select taskman.retry_task(%s) as r", (task_id,)).fetchone()["r"]
     assert retried["status"] == "pending"
     row = task_row(conn, task_id)
     assert row["error_code"] is None and row["completed_at"] is None
@@ -67,14 +67,14 @@ def test_retry_task_is_the_only_way_out_of_a_terminal_state(conn, terminal) -> N
 def test_completed_tasks_cannot_be_retried(conn) -> None:
     task_id = _task_in(conn, "completed")
     with pytest.raises(psycopg.Error) as err:
-        conn.execute("select public.retry_task(%s)", (task_id,))
+        conn.execute("select taskman.retry_task(%s)", (task_id,))
     assert err.value.sqlstate == "PT409"
 
 
 def test_cancel_task_refuses_a_finished_task(conn) -> None:
     task_id = _task_in(conn, "completed")
     with pytest.raises(psycopg.Error) as err:
-        conn.execute("select public.cancel_task(%s)", (task_id,))
+        conn.execute("select taskman.cancel_task(%s)", (task_id,))
     assert err.value.sqlstate == "PT409"
     assert task_row(conn, task_id)["status"] == "completed"
 
@@ -90,7 +90,7 @@ def test_plain_insert_as_authenticated_matches_create_task(api, conn) -> None:
     """What n8n's Supabase node sends: an INSERT with only the fields it knows."""
     with api.request("authenticated", USER_A) as cur:
         cur.execute(
-            "insert into public.tasks"
+            "insert into taskman.tasks"
             " (poll_url, external_id, task_type, max_attempts, timeout_minutes)"
             " values ('https://api.example.com/status/abc123', 'abc123', 'data_processing', 5, 60)"
             " returning *")
@@ -111,7 +111,7 @@ def test_plain_insert_as_authenticated_matches_create_task(api, conn) -> None:
 
 def test_plain_insert_with_explicit_nulls_gets_the_defaults(api) -> None:
     with api.request("authenticated", USER_A) as cur:
-        cur.execute("insert into public.tasks (poll_url, poll_method, task_type, max_attempts,"
+        cur.execute("insert into taskman.tasks (poll_url, poll_method, task_type, max_attempts,"
                     " metadata) values (null, null, null, null, null) returning *")
         row = cur.fetchone()
     assert (row["poll_method"], row["task_type"], row["max_attempts"], row["metadata"]) == (
@@ -125,7 +125,7 @@ def test_same_idempotency_key_from_one_owner_gives_one_task(api, conn) -> None:
     assert first["task_id"] == second["task_id"]
     assert "callback_token" in first and "callback_token" not in second
     assert second["idempotent_replay"] is True
-    count = conn.execute("select count(*) as n from public.tasks").fetchone()["n"]
+    count = conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"]
     assert count == 1
 
 
@@ -139,7 +139,7 @@ def test_same_idempotency_key_from_two_owners_gives_two_tasks(api) -> None:
 def test_plain_insert_with_a_used_idempotency_key_is_a_conflict(api) -> None:
     api.rpc("authenticated", "create_task", USER_A, idempotency_key="k1")
     with pytest.raises(psycopg.errors.UniqueViolation), api.request("authenticated", USER_A) as cur:
-        cur.execute("insert into public.tasks (idempotency_key) values ('k1')")
+        cur.execute("insert into taskman.tasks (idempotency_key) values ('k1')")
 
 
 def test_every_insert_and_status_change_notifies(conn, database_url) -> None:
@@ -147,7 +147,7 @@ def test_every_insert_and_status_change_notifies(conn, database_url) -> None:
         listener.execute("listen taskman")
         task_id = create_task(conn)["task_id"]
         set_status(conn, task_id, "in_progress")
-        conn.execute("update public.tasks set metadata = '{\"a\": 1}' where task_id = %s",
+        conn.execute("update taskman.tasks set metadata = '{\"a\": 1}' where task_id = %s",
                      (task_id,))
         got = [json.loads(n.payload) for n in listener.notifies(timeout=1, stop_after=3)]
     assert [(p["task_id"], p["status"]) for p in got] == [

@@ -22,12 +22,12 @@ def world(api, conn):
                 poll_url="https://api.example.com/a", poll_headers=json.dumps(
                     {"Authorization": SECRET_HEADER}), callback_url="https://hooks.example.com/a")
     b = api.rpc("authenticated", "create_task", USER_B, poll_url="https://api.example.com/b")
-    claimed = conn.execute("select task_id from public.claim_due_tasks('w1', 10, 60)").fetchall()
+    claimed = conn.execute("select task_id from taskman.claim_due_tasks('w1', 10, 60)").fetchall()
     assert len(claimed) == 2
     outcome = {"task_id": a["task_id"], "worker_id": "w1", "ok": True, "status": "failed",
                "error_code": "remote_failed", "raw_response": RAW_BODY, "raw_error": RAW_BODY,
                "http_status": 200}
-    conn.execute("select * from public.record_poll_results(%s)", (json.dumps([outcome]),))
+    conn.execute("select * from taskman.record_poll_results(%s)", (json.dumps([outcome]),))
     return {"a": a["task_id"], "b": b["task_id"]}
 
 
@@ -51,12 +51,12 @@ def test_rls_matrix_on_tasks(api, world, who) -> None:
     mine = {"user_a": world["a"], "user_b": world["b"]}.get(who)
     theirs = {"user_a": world["b"], "user_b": world["a"]}.get(who)
 
-    seen = _attempt(api, role, sub, "select task_id from public.tasks")
-    inserted = _attempt(api, role, sub, "insert into public.tasks (poll_url) values "
+    seen = _attempt(api, role, sub, "select task_id from taskman.tasks")
+    inserted = _attempt(api, role, sub, "insert into taskman.tasks (poll_url) values "
                         "('https://api.example.com/new') returning user_id")
-    status_update = _attempt(api, role, sub, "update public.tasks set status = 'completed' "
+    status_update = _attempt(api, role, sub, "update taskman.tasks set status = 'completed' "
                              "where status = 'pending'")
-    deleted = _attempt(api, role, sub, "delete from public.tasks")
+    deleted = _attempt(api, role, sub, "delete from taskman.tasks")
 
     if who == "anon":
         assert (seen, inserted, status_update, deleted) == (DENIED,) * 4
@@ -70,28 +70,28 @@ def test_rls_matrix_on_tasks(api, world, who) -> None:
         assert [str(r["user_id"]) for r in inserted] == [sub]
         assert status_update == DENIED and deleted == DENIED
         # Metadata is the one column owners edit, and only on their own rows.
-        assert _attempt(api, role, sub, "update public.tasks set metadata = '{\"x\": 1}' "
+        assert _attempt(api, role, sub, "update taskman.tasks set metadata = '{\"x\": 1}' "
                         "where task_id = %s", (mine,)) == 1
-        assert _attempt(api, role, sub, "update public.tasks set metadata = '{\"x\": 1}' "
+        assert _attempt(api, role, sub, "update taskman.tasks set metadata = '{\"x\": 1}' "
                         "where task_id = %s", (theirs,)) == 0
         other = USER_B if who == "user_a" else USER_A
-        assert _attempt(api, role, sub, "insert into public.tasks (user_id) values (%s)",
+        assert _attempt(api, role, sub, "insert into taskman.tasks (user_id) values (%s)",
                         (other,)) == DENIED
         for column, value in [("result", "'{}'"), ("attempt_count", "0"), ("error_count", "0"),
                               ("user_id", f"'{other}'"), ("progress", "50")]:
-            assert _attempt(api, role, sub, f"update public.tasks set {column} = {value} "
+            assert _attempt(api, role, sub, f"update taskman.tasks set {column} = {value} "
                             "where task_id = %s", (mine,)) == DENIED, column
 
 
 @pytest.mark.parametrize("who", ROLES)
 def test_rls_matrix_on_events_and_profiles(api, world, who) -> None:
     role, sub = ROLES[who]
-    events = _attempt(api, role, sub, "select distinct task_id from public.task_events")
-    event_insert = _attempt(api, role, sub, "insert into public.task_events (task_id, event_type)"
+    events = _attempt(api, role, sub, "select distinct task_id from taskman.task_events")
+    event_insert = _attempt(api, role, sub, "insert into taskman.task_events (task_id, event_type)"
                             " values (%s, 'created')", (world["a"],))
-    event_delete = _attempt(api, role, sub, "delete from public.task_events")
-    profiles = _attempt(api, role, sub, "select name from public.response_profiles")
-    profile_insert = _attempt(api, role, sub, "insert into public.response_profiles (name, "
+    event_delete = _attempt(api, role, sub, "delete from taskman.task_events")
+    profiles = _attempt(api, role, sub, "select name from taskman.response_profiles")
+    profile_insert = _attempt(api, role, sub, "insert into taskman.response_profiles (name, "
                               "status_path) values ('mine', 'status')")
     if who == "anon":
         assert {events, event_insert, event_delete, profiles, profile_insert} == {DENIED}
@@ -132,7 +132,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
         "select p.proname, has_function_privilege('anon', p.oid, 'execute') as anon,"
         " has_function_privilege('authenticated', p.oid, 'execute') as authenticated,"
         " has_function_privilege('service_role', p.oid, 'execute') as service"
-        " from pg_proc p where p.pronamespace = 'public'::regnamespace").fetchall()
+        " from pg_proc p where p.pronamespace = 'taskman'::regnamespace").fetchall()
     grants = {r["proname"]: (r["anon"], r["authenticated"], r["service"]) for r in rows}
     expected = {name: (False, False, True) for name in WORKER_FUNCTIONS}
     expected |= {name: (False, True, True) for name in USER_FUNCTIONS}
@@ -143,10 +143,10 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
 
 @pytest.mark.parametrize("role,sub", [("anon", None), ("authenticated", USER_A)])
 @pytest.mark.parametrize("call", [
-    "select * from public.claim_due_tasks('evil', 10, 60)",
-    "select * from public.record_poll_results('[]')",
-    "select public.expire_overdue_tasks()",
-    "select public.release_tasks('w1')",
+    "select * from taskman.claim_due_tasks('evil', 10, 60)",
+    "select * from taskman.record_poll_results('[]')",
+    "select taskman.expire_overdue_tasks()",
+    "select taskman.release_tasks('w1')",
 ])
 def test_api_users_cannot_run_worker_functions(api, world, role, sub, call) -> None:
     assert _attempt(api, role, sub, call) == DENIED
@@ -155,7 +155,7 @@ def test_api_users_cannot_run_worker_functions(api, world, role, sub, call) -> N
 def test_security_definer_functions_pin_search_path(conn) -> None:
     unpinned = conn.execute(
         "select p.oid::regprocedure::text as fn from pg_proc p"
-        " where p.prosecdef and p.pronamespace in ('public'::regnamespace,"
+        " where p.prosecdef and p.pronamespace in ('taskman'::regnamespace,"
         " 'taskman_private'::regnamespace)"
         " and not exists (select 1 from unnest(p.proconfig) c where c like 'search_path=%%')"
     ).fetchall()
@@ -166,8 +166,8 @@ def test_secrets_and_raw_bodies_are_unreadable_by_every_user_path(api, world) ->
     """Everything user A can reach about its own task, dumped: no header, no raw body."""
     a = world["a"]
     reachable = [
-        _attempt(api, "authenticated", USER_A, "select * from public.tasks"),
-        _attempt(api, "authenticated", USER_A, "select * from public.task_events"),
+        _attempt(api, "authenticated", USER_A, "select * from taskman.tasks"),
+        _attempt(api, "authenticated", USER_A, "select * from taskman.task_events"),
         api.rpc("authenticated", "get_task_status", USER_A, task_id=a),
         api.rpc("authenticated", "retry_task", USER_A, task_id=a),
         api.rpc("authenticated", "cancel_task", USER_A, task_id=a),
@@ -231,7 +231,7 @@ class TestCallbackToken:
 
     def test_the_token_is_stored_only_as_a_hash(self, api, conn) -> None:
         task = api.rpc("authenticated", "create_task", USER_A)
-        dump = conn.execute("select t::text || p::text as everything from public.tasks t"
+        dump = conn.execute("select t::text || p::text as everything from taskman.tasks t"
                             " join taskman_private.task_private p using (task_id)").fetchone()
         assert task["callback_token"] not in dump["everything"]
 
@@ -241,7 +241,7 @@ class TestCallbackToken:
                 "callback_token": task["callback_token"]}
         api.rpc("anon", "update_task", **args)
         api.rpc("anon", "update_task", **args)
-        transitions = conn.execute("select count(*) as n from public.task_events where task_id = %s"
+        transitions = conn.execute("select count(*) as n from taskman.task_events where task_id = %s"
                                    " and to_status = 'completed' and event_type = 'status_changed'",
                                    (task["task_id"],)).fetchone()["n"]
         assert transitions == 1

@@ -38,7 +38,7 @@ BAD_INPUT = [
 
 
 def _count(conn) -> int:
-    return conn.execute("select (select count(*) from public.tasks)"
+    return conn.execute("select (select count(*) from taskman.tasks)"
                         " + (select count(*) from taskman_private.task_private) as n"
                         ).fetchone()["n"]
 
@@ -55,7 +55,7 @@ def test_create_task_refuses_bad_input_naming_the_field(api, conn, field, value)
 @pytest.mark.parametrize(("field", "value"), BAD_INPUT)
 def test_plain_insert_refuses_the_same_bad_input(api, conn, field, value) -> None:
     with pytest.raises(psycopg.Error) as err, api.request("authenticated", USER_A) as cur:
-        cur.execute(f"insert into public.tasks ({field}) values (%s)", (value,))
+        cur.execute(f"insert into taskman.tasks ({field}) values (%s)", (value,))
     assert err.value.sqlstate == "22023"
     assert field in err.value.diag.message_primary
     assert _count(conn) == 0
@@ -67,7 +67,7 @@ def test_plain_insert_refuses_the_same_bad_input(api, conn, field, value) -> Non
 ])
 def test_plain_insert_cannot_set_fields_taskman_manages(api, conn, column, value) -> None:
     with pytest.raises(psycopg.Error) as err, api.request("authenticated", USER_A) as cur:
-        cur.execute(f"insert into public.tasks ({column}) values (%s)", (value,))
+        cur.execute(f"insert into taskman.tasks ({column}) values (%s)", (value,))
     assert err.value.sqlstate == "22023"
     assert _count(conn) == 0
 
@@ -79,23 +79,23 @@ def test_plain_insert_cannot_set_fields_taskman_manages(api, conn, column, value
     ({"progress": -1}, "progress"),
 ])
 def test_update_task_refuses_bad_values_and_changes_nothing(conn, args, field) -> None:
-    task = conn.execute("select public.create_task('https://api.example.com/1') as r"
+    task = conn.execute("select taskman.create_task('https://api.example.com/1') as r"
                         ).fetchone()["r"]
-    before = conn.execute("select * from public.tasks").fetchone()
+    before = conn.execute("select * from taskman.tasks").fetchone()
     named = ", ".join(f"{k} => %({k})s" for k in args)
     with pytest.raises(psycopg.Error) as err:
-        conn.execute(f"select public.update_task(%(task_id)s, {named})",
+        conn.execute(f"select taskman.update_task(%(task_id)s, {named})",
                      {"task_id": task["task_id"], **args})
     assert err.value.sqlstate == "22023" and field in err.value.diag.message_primary
-    assert conn.execute("select * from public.tasks").fetchone() == before
+    assert conn.execute("select * from taskman.tasks").fetchone() == before
 
 
 @pytest.mark.parametrize(("call", "field"), [
-    ("select * from public.claim_due_tasks('w', 0, 60)", "batch_size"),
-    ("select * from public.claim_due_tasks('w', 10, -1)", "lease_seconds"),
-    ("select * from public.claim_due_tasks('', 10, 60)", "worker_id"),
-    ("select * from public.record_poll_results('{}')", "results"),
-    ("select * from public.record_poll_results('[{\"task_id\": null}]')", "results"),
+    ("select * from taskman.claim_due_tasks('w', 0, 60)", "batch_size"),
+    ("select * from taskman.claim_due_tasks('w', 10, -1)", "lease_seconds"),
+    ("select * from taskman.claim_due_tasks('', 10, 60)", "worker_id"),
+    ("select * from taskman.record_poll_results('{}')", "results"),
+    ("select * from taskman.record_poll_results('[{\"task_id\": null}]')", "results"),
 ])
 def test_worker_functions_refuse_bad_arguments(conn, call, field) -> None:
     with pytest.raises(psycopg.Error) as err:

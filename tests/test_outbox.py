@@ -65,7 +65,7 @@ def dispatch(database_url: str, settings: Settings, worker_id: str = "worker-1")
 
 
 def end_task(conn: psycopg.Connection, task_id: str, status: str) -> None:
-    conn.execute("select public.update_task(%s, %s)", (task_id, status))
+    conn.execute("select taskman.update_task(%s, %s)", (task_id, status))
 
 
 def make_due(conn: psycopg.Connection) -> None:
@@ -97,9 +97,9 @@ def test_failed_task_sends_exactly_one_slack_alert(conn, database_url, slack) ->
 
 def test_task_past_its_deadline_sends_a_timeout_alert(conn, database_url, slack) -> None:
     task = create_task(conn)
-    conn.execute("update tasks set deadline_at = now() - interval '1 second' "
+    conn.execute("update taskman.tasks set deadline_at = now() - interval '1 second' "
                  "where task_id = %s", (task["task_id"],))
-    conn.execute("select public.expire_overdue_tasks()")
+    conn.execute("select taskman.expire_overdue_tasks()")
 
     dispatch(database_url, make_settings(slack))
 
@@ -118,7 +118,7 @@ def test_completed_and_cancelled_tasks_send_no_alert(conn, database_url, slack) 
 
 def test_fifty_failures_at_once_become_one_digest(conn, database_url, slack) -> None:
     ids = [create_task(conn, task_type="batch")["task_id"] for _ in range(50)]
-    conn.execute("select public.update_task(t, 'failed') from unnest(%s::uuid[]) t", (ids,))
+    conn.execute("select taskman.update_task(t, 'failed') from unnest(%s::uuid[]) t", (ids,))
 
     summary = dispatch(database_url, make_settings(slack))
 
@@ -313,7 +313,7 @@ def test_callback_to_a_private_address_is_refused_by_the_network_policy(
 
 def test_concurrent_dispatchers_deliver_each_callback_once(conn, database_url, hook) -> None:
     ids = [create_task(conn, callback_url=f"{hook.url}/{i}")["task_id"] for i in range(30)]
-    conn.execute("select public.update_task(t, 'completed') from unnest(%s::uuid[]) t", (ids,))
+    conn.execute("select taskman.update_task(t, 'completed') from unnest(%s::uuid[]) t", (ids,))
     settings = make_settings(TASKMAN_OUTBOX_BATCH_SIZE=10)
 
     async def race() -> list[DispatchSummary]:

@@ -231,10 +231,10 @@ def test_an_answer_the_database_refuses_fails_alone_as_unreadable(conn, database
     bad = remote.script("/jobs/14", Reply(body=b'{"status": "done", "result": "a\\u0000b"}'))
     good = remote.script("/jobs/15", DONE)
     with running_worker(database_url):
-        conn.execute("insert into public.tasks (poll_url, max_attempts) values (%s, 1), (%s, 1)",
+        conn.execute("insert into taskman.tasks (poll_url, max_attempts) values (%s, 1), (%s, 1)",
                      (bad, good))
         ids = {r["poll_url"]: str(r["task_id"]) for r in conn.execute(
-            "select task_id, poll_url from public.tasks")}
+            "select task_id, poll_url from taskman.tasks")}
         bad_row, good_row = ended(conn, ids[bad]), ended(conn, ids[good])
     assert (bad_row["status"], bad_row["error_code"]) == ("failed", "invalid_response")
     assert good_row["status"] == "completed"
@@ -242,7 +242,7 @@ def test_an_answer_the_database_refuses_fails_alone_as_unreadable(conn, database
 
 def test_an_overdue_task_fails_with_timeout_without_being_polled(conn, database_url) -> None:
     task_id = create_task(conn, poll_url=None)["task_id"]  # waits for a callback
-    conn.execute("update public.tasks set deadline_at = now() - interval '1 second'"
+    conn.execute("update taskman.tasks set deadline_at = now() - interval '1 second'"
                  " where task_id = %s", (task_id,))
     with running_worker(database_url):
         row = ended(conn, task_id)

@@ -41,13 +41,13 @@ def workers() -> Iterator[list[subprocess.Popen]]:
 
 def insert_tasks(conn: psycopg.Connection, urls: list[str]) -> list[str]:
     """Create one task a URL in one statement (one transaction, so one wake-up)."""
-    rows = conn.execute("insert into public.tasks (poll_url) select unnest(%s::text[])"
+    rows = conn.execute("insert into taskman.tasks (poll_url) select unnest(%s::text[])"
                         " returning task_id", (urls,)).fetchall()
     return [str(r["task_id"]) for r in rows]
 
 
 def count_status(conn: psycopg.Connection, status: str) -> int:
-    return conn.execute("select count(*) as n from public.tasks where status = %s",
+    return conn.execute("select count(*) as n from taskman.tasks where status = %s",
                         (status,)).fetchone()["n"]
 
 
@@ -72,7 +72,7 @@ def test_tasks_of_a_killed_worker_are_finished_by_another_exactly_once(
     workers.append(start_worker_process(database_url, TASKMAN_LEASE_SECONDS="5", **PATIENT))
     wait_until(lambda: count_status(conn, "completed") == 20, timeout=30)
     endings = conn.execute(
-        "select task_id, count(*) as n from public.task_events"
+        "select task_id, count(*) as n from taskman.task_events"
         " where to_status in ('completed', 'failed', 'cancelled') group by task_id").fetchall()
     assert sorted(str(r["task_id"]) for r in endings) == sorted(task_ids)
     assert all(r["n"] == 1 for r in endings)
@@ -110,7 +110,7 @@ def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
 
     assert count_status(conn, "completed") == 5
     leftover = conn.execute("select status, lease_owner, next_poll_at <= now() as due"
-                            " from public.tasks where status <> 'completed'").fetchall()
+                            " from taskman.tasks where status <> 'completed'").fetchall()
     assert leftover == [{"status": "pending", "lease_owner": None, "due": True}] * 5
     logs = [json.loads(line) for line in process.stderr.read().splitlines()]
     assert any("released 5 unfinished tasks" in entry["message"] for entry in logs)

@@ -19,6 +19,8 @@ def _resource(relative: str, packaged: str) -> Path:
 
 MIGRATIONS_DIR = _resource("supabase/migrations", "migrations")
 COMPAT_SQL = _resource("sql/supabase_compat.sql", "supabase_compat.sql")
+# The schema clients call (supabase.schema('taskman')); PostgREST must expose it.
+API_SCHEMA = "taskman"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,17 @@ def list_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
             raise ValueError(f"{path.name}: migration files are named <timestamp>_<name>.sql")
         found.append(Migration(version, name, path))
     return found
+
+
+def api_schema_exposed(conninfo: str) -> bool | None:
+    """Whether PostgREST is configured, in the database, to serve ``taskman``.
+
+    None when the database does not say: Supabase keeps the Dashboard's list of exposed
+    schemas outside it, unless someone set ``pgrst.db_schemas`` on ``authenticator``.
+    """
+    with db.connect(conninfo, autocommit=True) as conn:
+        schemas = store.exposed_schemas(conn)
+    return None if schemas is None else API_SCHEMA in schemas
 
 
 def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:

@@ -19,6 +19,20 @@ create table if not exists supabase_migrations.schema_migrations (
   name text
 )
 
+-- name: exposed_schemas
+-- The schemas PostgREST serves when they are configured in the database (Supabase
+-- keeps the Dashboard's list elsewhere); null when the database cannot tell.
+select coalesce(
+  (select substr(c, length('pgrst.db_schemas=') + 1)
+   from pg_db_role_setting s
+   join pg_roles r on r.oid = s.setrole and r.rolname = 'authenticator'
+   cross join lateral unnest(s.setconfig) c
+   where c like 'pgrst.db_schemas=%%' and s.setdatabase in (0, (select oid from pg_database
+                                                            where datname = current_database()))
+   order by s.setdatabase desc
+   limit 1),
+  current_setting('pgrst.db_schemas', true)) as schemas
+
 -- name: applied_migrations
 select version from supabase_migrations.schema_migrations
 
@@ -38,7 +52,7 @@ create database taskman
 -- not an unresolved function.
 
 -- name: create_task
-select public.create_task(
+select taskman.create_task(
   poll_url => %(poll_url)s::text, poll_method => %(poll_method)s::text,
   task_type => %(task_type)s::text, external_id => %(external_id)s::text,
   poll_headers => %(poll_headers)s::jsonb, poll_body => %(poll_body)s::jsonb,
@@ -49,15 +63,15 @@ select public.create_task(
   metadata => %(metadata)s::jsonb) as task
 
 -- name: get_task
-select public.task_json(t) as task
-from public.tasks t
+select taskman.task_json(t) as task
+from taskman.tasks t
 where t.task_id = %(task_id)s::uuid
 
 -- name: list_tasks
 -- Newest first; keyset pagination on (created_at, task_id), which for a user
 -- walks tasks_user_created_idx (RLS adds user_id = auth.uid()).
-select public.task_json(t) as task
-from public.tasks t
+select taskman.task_json(t) as task
+from taskman.tasks t
 where (%(statuses)s::text[] is null or t.status = any(%(statuses)s::text[]))
   and (%(task_type)s::text is null or t.task_type = %(task_type)s::text)
   and (%(created_from)s::timestamptz is null or t.created_at >= %(created_from)s::timestamptz)
@@ -69,43 +83,43 @@ limit %(limit)s::integer
 
 -- name: task_events
 select e.event_id, e.task_id, e.event_type, e.from_status, e.to_status, e.detail, e.created_at
-from public.task_events e
+from taskman.task_events e
 where e.task_id = %(task_id)s::uuid and e.event_id > %(after)s::bigint
 order by e.event_id
 limit %(limit)s::integer
 
 -- name: task_visible
-select exists (select 1 from public.tasks t where t.task_id = %(task_id)s::uuid) as visible
+select exists (select 1 from taskman.tasks t where t.task_id = %(task_id)s::uuid) as visible
 
 -- name: get_task_status
-select public.get_task_status(%(task_id)s::uuid) as status
+select taskman.get_task_status(%(task_id)s::uuid) as status
 
 -- name: update_task
-select public.update_task(
+select taskman.update_task(
   task_id => %(task_id)s::uuid, status => %(status)s::text, result => %(result)s::jsonb,
   error_message => %(error_message)s::text, progress => %(progress)s::integer,
   progress_message => %(progress_message)s::text,
   callback_token => %(callback_token)s::text) as task
 
 -- name: set_metadata
-update public.tasks t set metadata = %(metadata)s::jsonb
+update taskman.tasks t set metadata = %(metadata)s::jsonb
 where t.task_id = %(task_id)s::uuid
-returning public.task_json(t) as task
+returning taskman.task_json(t) as task
 
 -- name: cancel_task
-select public.cancel_task(%(task_id)s::uuid) as task
+select taskman.cancel_task(%(task_id)s::uuid) as task
 
 -- name: retry_task
-select public.retry_task(%(task_id)s::uuid) as task
+select taskman.retry_task(%(task_id)s::uuid) as task
 
 -- name: task_stats
-select public.task_stats(coalesce(%(since)s::timestamptz, now() - interval '7 days')) as stats
+select taskman.task_stats(coalesce(%(since)s::timestamptz, now() - interval '7 days')) as stats
 
 -- name: callback_profile
-select public.callback_profile(%(task_id)s::uuid, %(callback_token)s::text) as profile
+select taskman.callback_profile(%(task_id)s::uuid, %(callback_token)s::text) as profile
 
 -- name: tasks_by_status
-select t.status, count(*) as n from public.tasks t group by t.status
+select t.status, count(*) as n from taskman.tasks t group by t.status
 
 -- name: ping
 select 1
@@ -116,11 +130,11 @@ listen taskman
 -- The outbox (worker.notify): claim due deliveries, record what happened.
 
 -- name: claim_outbox
-select * from public.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
+select * from taskman.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
                                   %(lease_seconds)s::integer)
 
 -- name: record_outbox_results
-select outcome from public.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
+select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
                                                  %(base_delay_seconds)s::float8,
                                                  %(max_delay_seconds)s::float8)
 
@@ -131,29 +145,29 @@ select outcome from public.record_outbox_results(%(results)s::jsonb, %(max_attem
 -- profile text keys the worker's cache of compiled profiles.
 select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_body,
        profile::text as profile, attempt_count, error_count, poll_interval_seconds
-from public.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
+from taskman.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
                             %(lease_seconds)s::integer)
 
 -- name: record_poll_results
-select count(*) as recorded from public.record_poll_results(%(results)s::jsonb)
+select count(*) as recorded from taskman.record_poll_results(%(results)s::jsonb)
 
 -- name: expire_overdue_tasks
-select public.expire_overdue_tasks() as expired
+select taskman.expire_overdue_tasks() as expired
 
 -- name: release_tasks
-select public.release_tasks(%(worker_id)s::text) as released
+select taskman.release_tasks(%(worker_id)s::text) as released
 
 -- name: seconds_until_due
 -- min() over tasks_due_idx (same predicate): one index probe however many tasks
 -- wait. Leased tasks count too, at their lease expiry: a crashed worker's tasks
 -- wake a worker when they fall due again.
 select extract(epoch from min(t.next_poll_at) - now())::float8 as seconds
-from public.tasks t
+from taskman.tasks t
 where t.status in ('pending', 'in_progress') and t.poll_url is not null
 
 
 -- name: live_demo_tasks
 select exists (
-  select 1 from public.tasks
+  select 1 from taskman.tasks
   where metadata @> '{"demo": true}' and status in ('pending', 'in_progress')
 ) as live

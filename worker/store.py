@@ -68,6 +68,12 @@ def create_migrations_table(conn: psycopg.Connection[Any]) -> None:
     conn.execute(_q("create_migrations_table"))
 
 
+def exposed_schemas(conn: psycopg.Connection[Any]) -> list[str] | None:
+    """The schemas PostgREST exposes, when the database records them; else None."""
+    schemas = _scalar(conn, "exposed_schemas")
+    return None if schemas is None else [s.strip() for s in schemas.split(",") if s.strip()]
+
+
 def applied_migrations(conn: psycopg.Connection[Any]) -> set[str]:
     """The versions already applied."""
     with conn.cursor(row_factory=scalar_row) as cur:

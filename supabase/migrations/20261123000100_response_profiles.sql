@@ -2,8 +2,18 @@
 -- A profile names JMESPath expressions and value lists; a task picks one by
 -- task_type or poll_config.profile and may override any field in poll_config.
 -- Operators add their own profiles with a plain INSERT as service_role.
+--
+-- Taskman's client-facing objects live in schema taskman, so that it installs into
+-- any Supabase project beside that project's own tables. (Databases that ran these
+-- migrations when they still created the objects in public are moved by
+-- 20261201000100_taskman_schema.sql.)
 
-create table public.response_profiles (
+create schema if not exists taskman;
+comment on schema taskman is
+  'Taskman: tasks, their history, response profiles and the RPC functions clients call.';
+grant usage on schema taskman to anon, authenticated, service_role;
+
+create table taskman.response_profiles (
   name text primary key
     constraint response_profiles_name_format check (name ~ '^[a-z0-9][a-z0-9_.-]{0,63}$'),
   description text not null default '',
@@ -25,10 +35,10 @@ create table public.response_profiles (
     check (status_source = 'http' or status_path is not null)
 );
 
-comment on table public.response_profiles is
+comment on table taskman.response_profiles is
   'How poll answers are read: JMESPath paths and status value lists. Values match case-insensitively.';
 
-insert into public.response_profiles
+insert into taskman.response_profiles
   (name, description, status_source, status_path, completed_values, failed_values,
    running_values, pending_values, result_path, progress_path, progress_message_path,
    error_path, builtin)

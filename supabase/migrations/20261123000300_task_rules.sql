@@ -53,7 +53,7 @@ begin
     case
       when k = 'profile' then
         if jsonb_typeof(v) <> 'string'
-           or not exists (select 1 from public.response_profiles p where p.name = v ->> 0) then
+           or not exists (select 1 from taskman.response_profiles p where p.name = v ->> 0) then
           perform taskman_private.reject('poll_config',
             format('.profile %s is not a known response profile', v));
         end if;
@@ -83,7 +83,7 @@ $$;
 
 -- Checks the caller-supplied fields of a task. On update only changed fields
 -- are checked, so the worker's frequent writes stay cheap.
-create function taskman_private.validate_task(t public.tasks, old public.tasks, is_insert boolean)
+create function taskman_private.validate_task(t taskman.tasks, old taskman.tasks, is_insert boolean)
 returns void
 language plpgsql stable
 set search_path = ''
@@ -199,7 +199,7 @@ begin
   new.attempt_count := 0;
   new.error_count := 0;
 
-  perform taskman_private.validate_task(new, null::public.tasks, true);
+  perform taskman_private.validate_task(new, null::taskman.tasks, true);
 
   new.created_at := now();
   new.updated_at := now();
@@ -304,7 +304,7 @@ begin
 end
 $$;
 
-create function taskman_private.notify_task(t public.tasks)
+create function taskman_private.notify_task(t taskman.tasks)
 returns void
 language sql volatile
 set search_path = ''
@@ -319,7 +319,7 @@ language plpgsql security definer
 set search_path = ''
 as $$
 begin
-  insert into public.task_events (task_id, user_id, event_type, to_status, detail)
+  insert into taskman.task_events (task_id, user_id, event_type, to_status, detail)
   values (new.task_id, new.user_id, 'created', new.status,
           jsonb_build_object('task_type', new.task_type, 'polled', new.poll_url is not null));
   perform taskman_private.notify_task(new);
@@ -333,7 +333,7 @@ language plpgsql security definer
 set search_path = ''
 as $$
 begin
-  insert into public.task_events (task_id, user_id, event_type, from_status, to_status, detail)
+  insert into taskman.task_events (task_id, user_id, event_type, from_status, to_status, detail)
   values (new.task_id, new.user_id,
           case when new.status = 'cancelled' then 'cancelled'
                when new.status = 'pending' then 'retried'
@@ -345,12 +345,12 @@ begin
 end
 $$;
 
-create trigger tasks_prepare_insert before insert on public.tasks
+create trigger tasks_prepare_insert before insert on taskman.tasks
   for each row execute function taskman_private.tasks_prepare_insert();
-create trigger tasks_prepare_update before update on public.tasks
+create trigger tasks_prepare_update before update on taskman.tasks
   for each row execute function taskman_private.tasks_prepare_update();
-create trigger tasks_after_insert after insert on public.tasks
+create trigger tasks_after_insert after insert on taskman.tasks
   for each row execute function taskman_private.tasks_after_insert();
-create trigger tasks_after_status_change after update of status on public.tasks
+create trigger tasks_after_status_change after update of status on taskman.tasks
   for each row when (old.status is distinct from new.status)
   execute function taskman_private.tasks_after_status_change();

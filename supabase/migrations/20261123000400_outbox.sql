@@ -5,7 +5,7 @@
 
 create table taskman_private.outbox (
   outbox_id bigint generated always as identity primary key,
-  task_id uuid not null references public.tasks (task_id) on delete cascade,
+  task_id uuid not null references taskman.tasks (task_id) on delete cascade,
   channel text not null constraint outbox_channel_check check (channel in ('slack', 'callback')),
   -- The task's public JSON when it ended: what the receiver is told.
   payload jsonb not null,
@@ -28,7 +28,7 @@ language plpgsql security definer
 set search_path = ''
 as $$
 declare
-  body jsonb := public.task_json(new);
+  body jsonb := taskman.task_json(new);
 begin
   if new.callback_url is not null then
     insert into taskman_private.outbox (task_id, channel, payload) values (new.task_id, 'callback', body);
@@ -42,7 +42,7 @@ begin
 end
 $$;
 
-create trigger tasks_enqueue_notifications after update of status on public.tasks
+create trigger tasks_enqueue_notifications after update of status on taskman.tasks
   for each row when (old.status is distinct from new.status
                      and new.status in ('completed', 'failed', 'cancelled'))
   execute function taskman_private.tasks_enqueue_notifications();

@@ -21,17 +21,17 @@ $$;
 
 -- The task row if the caller may act on it (owner or service), else PT404.
 create function taskman_private.visible_task(p_task_id uuid, lock_row boolean)
-returns public.tasks
+returns taskman.tasks
 language plpgsql volatile
 set search_path = ''
 as $$
 declare
-  t public.tasks;
+  t taskman.tasks;
 begin
   if lock_row then
-    select * into t from public.tasks where task_id = p_task_id for update;
+    select * into t from taskman.tasks where task_id = p_task_id for update;
   else
-    select * into t from public.tasks where task_id = p_task_id;
+    select * into t from taskman.tasks where task_id = p_task_id;
   end if;
   if not found or not (taskman_private.caller_is_service() or t.user_id = auth.uid()) then
     raise exception using errcode = 'PT404', message = format('task %s not found', p_task_id);
@@ -40,7 +40,7 @@ begin
 end
 $$;
 
-create function public.create_task(
+create function taskman.create_task(
   poll_url text default null,
   poll_method text default null,
   task_type text default null,
@@ -61,26 +61,26 @@ set search_path = ''
 as $$
 declare
   owner uuid := auth.uid();
-  t public.tasks;
+  t taskman.tasks;
   token text;
 begin
   if auth.role() = 'anon' then
     raise exception using errcode = '42501', message = 'sign in to create tasks';
   end if;
   if create_task.idempotency_key is not null then
-    select * into t from public.tasks x
+    select * into t from taskman.tasks x
     where coalesce(x.user_id, '00000000-0000-0000-0000-000000000000'::uuid)
             = coalesce(owner, '00000000-0000-0000-0000-000000000000'::uuid)
       and x.idempotency_key = create_task.idempotency_key;
     if found then
-      return public.task_json(t) || '{"idempotent_replay": true}';
+      return taskman.task_json(t) || '{"idempotent_replay": true}';
     end if;
   end if;
 
   -- 244 random bits from the server's strong random source; only a hash is kept.
   token := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
   begin
-    insert into public.tasks (user_id, poll_url, poll_method, task_type, external_id, poll_headers,
+    insert into taskman.tasks (user_id, poll_url, poll_method, task_type, external_id, poll_headers,
                               poll_body, poll_config, poll_interval_seconds, max_attempts,
                               timeout_minutes, callback_url, idempotency_key, metadata)
     values (owner, create_task.poll_url, create_task.poll_method, create_task.task_type,
@@ -91,28 +91,28 @@ begin
     returning * into t;
   exception when unique_violation then
     -- A concurrent call with the same idempotency key won the race.
-    select * into strict t from public.tasks x
+    select * into strict t from taskman.tasks x
     where coalesce(x.user_id, '00000000-0000-0000-0000-000000000000'::uuid)
             = coalesce(owner, '00000000-0000-0000-0000-000000000000'::uuid)
       and x.idempotency_key = create_task.idempotency_key;
-    return public.task_json(t) || '{"idempotent_replay": true}';
+    return taskman.task_json(t) || '{"idempotent_replay": true}';
   end;
 
   insert into taskman_private.task_private (task_id, callback_token_hash)
   values (t.task_id, sha256(convert_to(token, 'UTF8')))
   on conflict (task_id) do update set callback_token_hash = excluded.callback_token_hash;
 
-  return public.task_json(t) || jsonb_build_object('callback_token', token);
+  return taskman.task_json(t) || jsonb_build_object('callback_token', token);
 end
 $$;
 
-create function public.get_task_status(task_id uuid)
+create function taskman.get_task_status(task_id uuid)
 returns jsonb
 language plpgsql stable security definer
 set search_path = ''
 as $$
 declare
-  t public.tasks := taskman_private.visible_task(get_task_status.task_id, false);
+  t taskman.tasks := taskman_private.visible_task(get_task_status.task_id, false);
 begin
   return jsonb_build_object(
     'task_id', t.task_id, 'status', t.status, 'progress', t.progress,
@@ -126,7 +126,7 @@ $$;
 -- reporting back). Repeating the task's current terminal status is a no-op, so
 -- a receiver's retried callback does not fail. A token holder's error_message
 -- is remote text: it is kept service-only and users get the neutral sentence.
-create function public.update_task(
+create function taskman.update_task(
   task_id uuid,
   status text default null,
   result jsonb default null,
@@ -140,11 +140,11 @@ language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  t public.tasks;
+  t taskman.tasks;
   token_hash bytea;
   by_service boolean := taskman_private.caller_is_service();
 begin
-  select * into t from public.tasks x where x.task_id = update_task.task_id for update;
+  select * into t from taskman.tasks x where x.task_id = update_task.task_id for update;
   if not by_service then
     select p.callback_token_hash into token_hash
     from taskman_private.task_private p where p.task_id = update_task.task_id;
@@ -167,14 +167,14 @@ begin
 
   if t.status in ('completed', 'failed', 'cancelled') then
     if update_task.status = t.status then
-      return public.task_json(t);
+      return taskman.task_json(t);
     end if;
     raise exception using errcode = 'PT409',
       message = format('task %s is already %s and cannot be updated', t.task_id, t.status),
       hint = 'Terminal tasks change only through retry_task.';
   end if;
 
-  update public.tasks x set
+  update taskman.tasks x set
     status = coalesce(update_task.status, x.status),
     result = coalesce(update_task.result, x.result),
     error_code = case when update_task.status = 'failed' then 'remote_failed' else x.error_code end,
@@ -192,58 +192,58 @@ begin
     do update set last_error = excluded.last_error, updated_at = now();
   end if;
 
-  insert into public.task_events (task_id, user_id, event_type, to_status, detail)
+  insert into taskman.task_events (task_id, user_id, event_type, to_status, detail)
   values (t.task_id, t.user_id, 'callback_received', t.status,
           jsonb_build_object('via', case when by_service then 'service' else 'callback_token' end));
-  return public.task_json(t);
+  return taskman.task_json(t);
 end
 $$;
 
-create function public.cancel_task(task_id uuid)
+create function taskman.cancel_task(task_id uuid)
 returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  t public.tasks := taskman_private.visible_task(cancel_task.task_id, true);
+  t taskman.tasks := taskman_private.visible_task(cancel_task.task_id, true);
 begin
   if t.status in ('completed', 'failed', 'cancelled') then
     raise exception using errcode = 'PT409',
       message = format('task %s is already %s and cannot be cancelled', t.task_id, t.status);
   end if;
-  update public.tasks x set status = 'cancelled' where x.task_id = t.task_id returning * into t;
-  return public.task_json(t);
+  update taskman.tasks x set status = 'cancelled' where x.task_id = t.task_id returning * into t;
+  return taskman.task_json(t);
 end
 $$;
 
-create function public.retry_task(task_id uuid)
+create function taskman.retry_task(task_id uuid)
 returns jsonb
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 declare
-  t public.tasks := taskman_private.visible_task(retry_task.task_id, true);
+  t taskman.tasks := taskman_private.visible_task(retry_task.task_id, true);
 begin
   if t.status not in ('failed', 'cancelled') then
     raise exception using errcode = 'PT409',
       message = format('task %s is %s; only failed or cancelled tasks can be retried', t.task_id, t.status);
   end if;
   perform set_config('taskman.retry_task', t.task_id::text, true);
-  update public.tasks x set status = 'pending' where x.task_id = t.task_id returning * into t;
+  update taskman.tasks x set status = 'pending' where x.task_id = t.task_id returning * into t;
   perform set_config('taskman.retry_task', '', true);
-  return public.task_json(t);
+  return taskman.task_json(t);
 end
 $$;
 
 -- Figures over the tasks the caller may see (RLS applies: security invoker).
-create function public.task_stats(since timestamptz default now() - interval '7 days')
+create function taskman.task_stats(since timestamptz default now() - interval '7 days')
 returns jsonb
 language sql stable security invoker
 set search_path = ''
 as $$
   with scoped as (
     select t.status, t.created_at, t.completed_at
-    from public.tasks t
+    from taskman.tasks t
     where t.created_at >= task_stats.since
   ),
   by_status as (
@@ -279,9 +279,9 @@ as $$
     'duration_seconds', (select jsonb_build_object('median', median, 'p95', p95) from durations))
 $$;
 
-revoke all on function public.create_task, public.get_task_status, public.update_task,
-  public.cancel_task, public.retry_task, public.task_stats from public, anon, authenticated;
-grant execute on function public.create_task, public.get_task_status, public.cancel_task,
-  public.retry_task, public.task_stats to authenticated, service_role;
+revoke all on function taskman.create_task, taskman.get_task_status, taskman.update_task,
+  taskman.cancel_task, taskman.retry_task, taskman.task_stats from public, anon, authenticated;
+grant execute on function taskman.create_task, taskman.get_task_status, taskman.cancel_task,
+  taskman.retry_task, taskman.task_stats to authenticated, service_role;
 -- Third parties holding a callback token report back without an account.
-grant execute on function public.update_task to anon, authenticated, service_role;
+grant execute on function taskman.update_task to anon, authenticated, service_role;

@@ -10,7 +10,7 @@ language sql stable
 set search_path = ''
 as $$
   select (to_jsonb(p) - '{description,builtin}'::text[]) || (poll_config - 'profile')
-  from public.response_profiles p
+  from taskman.response_profiles p
   where p.name in (poll_config ->> 'profile', task_type, 'generic')
   order by p.name = poll_config ->> 'profile' desc nulls last, p.name = task_type desc
   limit 1
@@ -36,7 +36,7 @@ begin
 end
 $$;
 
-create function public.claim_due_tasks(worker_id text, batch_size integer default 100,
+create function taskman.claim_due_tasks(worker_id text, batch_size integer default 100,
                                        lease_seconds integer default 60)
 returns table (
   task_id uuid, poll_url text, poll_method text, poll_headers jsonb, poll_body jsonb,
@@ -54,7 +54,7 @@ begin
     -- Walks tasks_due_idx in due order; SKIP LOCKED lets concurrent workers take
     -- disjoint batches without waiting on each other.
     select t.task_id
-    from public.tasks t
+    from taskman.tasks t
     where t.status in ('pending', 'in_progress')
       and t.poll_url is not null
       and t.next_poll_at <= now()
@@ -63,7 +63,7 @@ begin
     for update skip locked
   ),
   claimed as (
-    update public.tasks t
+    update taskman.tasks t
     set lease_owner = claim_due_tasks.worker_id,
         lease_expires_at = now() + make_interval(secs => claim_due_tasks.lease_seconds),
         next_poll_at = now() + make_interval(secs => claim_due_tasks.lease_seconds)
@@ -92,7 +92,7 @@ $$;
 --   result, progress, progress_message, error_message (neutral), http_status, latency_ms
 --   raw_response, raw_error  service-only, kept in taskman_private.task_private
 -- The database decides the rest: max_attempts, the deadline, the transitions.
-create function public.record_poll_results(results jsonb)
+create function taskman.record_poll_results(results jsonb)
 returns table (task_id uuid, status text)
 language plpgsql volatile security definer
 set search_path = ''
@@ -146,13 +146,13 @@ begin
              when t.deadline_at <= now() then 'timeout'
            end as error_code
     from outcome o
-    join public.tasks t on t.task_id = o.task_id
+    join taskman.tasks t on t.task_id = o.task_id
     where t.lease_owner = o.worker_id
       and t.status in ('pending', 'in_progress')
     for update of t
   ),
   written as (
-    update public.tasks t
+    update taskman.tasks t
     set status = d.status,
         error_code = coalesce(d.error_code, t.error_code),
         error_message = case when o.status = 'failed' then o.error_message else t.error_message end,
@@ -171,7 +171,7 @@ begin
     returning t.task_id, t.user_id, t.status, t.error_count, t.next_poll_at
   ),
   events as (
-    insert into public.task_events (task_id, user_id, event_type, detail)
+    insert into taskman.task_events (task_id, user_id, event_type, detail)
     select w.task_id, w.user_id, e.event_type,
            jsonb_strip_nulls(jsonb_build_object(
              'http_status', o.http_status, 'latency_ms', round(o.latency_ms::numeric, 1),
@@ -204,18 +204,18 @@ $$;
 
 -- Fails every live task past its deadline (error_code timeout), polled or not.
 -- Rows locked by a concurrent writer are left for the next sweep.
-create function public.expire_overdue_tasks()
+create function taskman.expire_overdue_tasks()
 returns integer
 language sql volatile security definer
 set search_path = ''
 as $$
   with overdue as (
-    select t.task_id from public.tasks t
+    select t.task_id from taskman.tasks t
     where t.status in ('pending', 'in_progress') and t.deadline_at <= now()
     for update skip locked
   ),
   expired as (
-    update public.tasks t set status = 'failed', error_code = 'timeout', error_message = null
+    update taskman.tasks t set status = 'failed', error_code = 'timeout', error_message = null
     from overdue where t.task_id = overdue.task_id
     returning 1
   )
@@ -223,13 +223,13 @@ as $$
 $$;
 
 -- Gives back a worker's leases (graceful shutdown): its tasks are due at once.
-create function public.release_tasks(worker_id text)
+create function taskman.release_tasks(worker_id text)
 returns integer
 language sql volatile security definer
 set search_path = ''
 as $$
   with released as (
-    update public.tasks t
+    update taskman.tasks t
     set lease_owner = null, lease_expires_at = null, next_poll_at = now()
     where t.lease_owner = release_tasks.worker_id and t.status in ('pending', 'in_progress')
     returning 1
@@ -237,7 +237,7 @@ as $$
   select count(*)::integer from released
 $$;
 
-revoke all on function public.claim_due_tasks, public.record_poll_results,
-  public.expire_overdue_tasks, public.release_tasks from public, anon, authenticated;
-grant execute on function public.claim_due_tasks, public.record_poll_results,
-  public.expire_overdue_tasks, public.release_tasks to service_role;
+revoke all on function taskman.claim_due_tasks, taskman.record_poll_results,
+  taskman.expire_overdue_tasks, taskman.release_tasks from public, anon, authenticated;
+grant execute on function taskman.claim_due_tasks, taskman.record_poll_results,
+  taskman.expire_overdue_tasks, taskman.release_tasks to service_role;

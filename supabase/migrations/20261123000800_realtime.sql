@@ -4,9 +4,9 @@ do $$
 begin
   if exists (select 1 from pg_publication where pubname = 'supabase_realtime')
      and not exists (select 1 from pg_publication_tables
-                     where pubname = 'supabase_realtime' and schemaname = 'public'
+                     where pubname = 'supabase_realtime' and schemaname = 'taskman'
                        and tablename = 'tasks') then
-    alter publication supabase_realtime add table public.tasks;
+    alter publication supabase_realtime add table taskman.tasks;
   end if;
 end
 $$;

@@ -7,7 +7,7 @@
 -- batch, each attempt recorded in task_events. Delivery is at least once: a
 -- worker that dies between sending and recording sends again.
 
-create function public.claim_outbox(worker_id text, batch_size integer default 100,
+create function taskman.claim_outbox(worker_id text, batch_size integer default 100,
                                     lease_seconds integer default 60)
 returns table (outbox_id bigint, task_id uuid, channel text, payload jsonb, attempts integer)
 language plpgsql volatile security definer
@@ -50,7 +50,7 @@ $$;
 -- max_delay_seconds, with jitter (50-100%) so a recovering receiver is not hit
 -- by every row at once, or after Retry-After when that is longer. The
 -- max_attempts-th failure gives up.
-create function public.record_outbox_results(
+create function taskman.record_outbox_results(
   results jsonb,
   max_attempts integer default 12,
   base_delay_seconds double precision default 5,
@@ -120,7 +120,7 @@ begin
     returning o.outbox_id, o.task_id, o.channel, o.attempts, o.next_attempt_at, d.final
   ),
   events as (
-    insert into public.task_events (task_id, user_id, event_type, detail)
+    insert into taskman.task_events (task_id, user_id, event_type, detail)
     select w.task_id, t.user_id,
            case
              when w.final = 'failed' then 'notification_failed'
@@ -135,20 +135,20 @@ begin
              'next_attempt_at', case when w.final = 'failed' then w.next_attempt_at end))
     from written w
     join decided d on d.outbox_id = w.outbox_id
-    join public.tasks t on t.task_id = w.task_id
+    join taskman.tasks t on t.task_id = w.task_id
   )
   select w.outbox_id, w.final from written w;
 end
 $$;
 
-revoke all on function public.claim_outbox, public.record_outbox_results
+revoke all on function taskman.claim_outbox, taskman.record_outbox_results
   from public, anon, authenticated;
-grant execute on function public.claim_outbox, public.record_outbox_results to service_role;
+grant execute on function taskman.claim_outbox, taskman.record_outbox_results to service_role;
 
 -- The profile a third party's callback body is read with, for the holder of the
 -- task's callback token (the edge's POST /callbacks/{task_id}?token=...).
 -- A wrong token and an unknown task both answer PT403: no existence leak.
-create function public.callback_profile(task_id uuid, callback_token text)
+create function taskman.callback_profile(task_id uuid, callback_token text)
 returns jsonb
 language plpgsql stable security definer
 set search_path = ''
@@ -157,7 +157,7 @@ declare
   profile jsonb;
 begin
   select taskman_private.effective_profile(t.task_type, t.poll_config) into profile
-  from public.tasks t
+  from taskman.tasks t
   join taskman_private.task_private p on p.task_id = t.task_id
   where t.task_id = callback_profile.task_id
     and p.callback_token_hash = sha256(convert_to(callback_profile.callback_token, 'UTF8'));
@@ -169,5 +169,5 @@ begin
 end
 $$;
 
-revoke all on function public.callback_profile from public, anon, authenticated;
-grant execute on function public.callback_profile to anon, authenticated, service_role;
+revoke all on function taskman.callback_profile from public, anon, authenticated;
+grant execute on function taskman.callback_profile to anon, authenticated, service_role;

@@ -91,7 +91,7 @@ def test_cancel_from_the_task_page(page, service, db) -> None:
     page.locator("#detail:not(.hidden)").wait_for()
     page.click("#cancel")
     page.locator("#fields .badge.cancelled").wait_for()
-    status = db.execute("select status from public.tasks where task_id = %s",
+    status = db.execute("select status from taskman.tasks where task_id = %s",
                         (task["task_id"],)).fetchone()["status"]
     assert status == "cancelled"
     assert page.locator('#timeline li[data-event="cancelled"]').count() == 1

@@ -26,12 +26,25 @@ def database_url(settings: Settings) -> str:
     return embedded_database_url()
 
 
+EXPOSE_REMINDER = (
+    "Clients reach Taskman in schema {schema} (supabase.schema('{schema}')). {state} On "
+    "Supabase, add it under Project Settings -> Data API -> Exposed schemas (README: "
+    "Install on Supabase)."
+)
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    applied = migrations.migrate(database_url(settings))
+    conninfo = database_url(settings)
+    applied = migrations.migrate(conninfo)
     for migration in applied:
         print(f"applied {migration.version} {migration.name}")
     if not applied:
         print("database is up to date")
+    exposed = migrations.api_schema_exposed(conninfo)
+    if not exposed:
+        state = ("This database's PostgREST settings do not list it." if exposed is False
+                 else "This database cannot tell whether PostgREST exposes it.")
+        print(EXPOSE_REMINDER.format(schema=migrations.API_SCHEMA, state=state))
     return 0
 
 
