@@ -1,0 +1,68 @@
+"""The rules of Supabase's Security Advisor (its database linter) that can be checked from
+the catalog, over the schemas PostgREST exposes (public and taskman) and Taskman's own."""
+
+from __future__ import annotations
+
+import pytest
+
+EXPOSED = "('public'::regnamespace, 'taskman'::regnamespace)"
+TASKMAN = "('taskman'::regnamespace, 'taskman_private'::regnamespace)"
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+def test_no_security_definer_function_in_an_exposed_schema_is_executable_by(conn, role) -> None:
+    flagged = conn.execute(
+        "select p.oid::regprocedure::text as fn from pg_proc p"
+        f" where p.prosecdef and p.pronamespace in {EXPOSED}"
+        " and has_function_privilege(%s, p.oid, 'execute')", (role,)).fetchall()
+    assert flagged == []
+
+
+def test_every_function_pins_an_empty_search_path(conn) -> None:
+    mutable = conn.execute(
+        "select p.oid::regprocedure::text as fn from pg_proc p"
+        f" where p.pronamespace in {TASKMAN}"
+        """ and not coalesce(p.proconfig, '{}') && array['search_path=""']""").fetchall()
+    assert mutable == []
+
+
+def test_every_table_in_an_exposed_or_taskman_schema_has_rls(conn) -> None:
+    without = conn.execute(
+        "select c.oid::regclass::text as rel from pg_class c"
+        " where c.relkind in ('r', 'p') and c.relnamespace in ('public'::regnamespace,"
+        " 'taskman'::regnamespace, 'taskman_private'::regnamespace)"
+        " and not c.relrowsecurity").fetchall()
+    assert without == []
+
+
+def test_no_view_in_an_exposed_schema_bypasses_rls(conn) -> None:
+    definer_views = conn.execute(
+        "select c.oid::regclass::text as rel from pg_class c"
+        f" where c.relkind = 'v' and c.relnamespace in {EXPOSED}"
+        " and not coalesce(c.reloptions, '{}') && array['security_invoker=true',"
+        " 'security_invoker=on', 'security_invoker=1']").fetchall()
+    assert definer_views == []
+
+
+def test_every_foreign_key_is_covered_by_an_index(conn) -> None:
+    uncovered = conn.execute(
+        "select c.conrelid::regclass::text as rel, c.conname from pg_constraint c"
+        f" where c.contype = 'f' and c.connamespace in {TASKMAN}"
+        " and not exists (select 1 from pg_index i where i.indrelid = c.conrelid"
+        " and (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)]"
+        " = c.conkey)").fetchall()
+    assert uncovered == []
+
+
+def test_private_functions_run_only_for_the_roles_their_wrappers_serve(conn) -> None:
+    rows = conn.execute(
+        "select p.proname, has_function_privilege('anon', p.oid, 'execute') as anon,"
+        " has_function_privilege('authenticated', p.oid, 'execute') as authenticated"
+        " from pg_proc p where p.pronamespace = 'taskman_private'::regnamespace"
+        " and (has_function_privilege('anon', p.oid, 'execute')"
+        "      or has_function_privilege('authenticated', p.oid, 'execute'))").fetchall()
+    grants = {r["proname"]: (r["anon"], r["authenticated"]) for r in rows}
+    user = (False, True)
+    assert grants == {"create_task": user, "get_task_status": user, "cancel_task": user,
+                      "retry_task": user, "update_task": (True, True),
+                      "callback_profile": (True, True)}
