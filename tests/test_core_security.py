@@ -241,8 +241,9 @@ class TestCallbackToken:
                 "callback_token": task["callback_token"]}
         api.rpc("anon", "update_task", **args)
         api.rpc("anon", "update_task", **args)
-        transitions = conn.execute("select count(*) as n from taskman.task_events where task_id = %s"
-                                   " and to_status = 'completed' and event_type = 'status_changed'",
+        transitions = conn.execute("select count(*) as n from taskman.task_events"
+                                   " where task_id = %s and to_status = 'completed'"
+                                   " and event_type = 'status_changed'",
                                    (task["task_id"],)).fetchone()["n"]
         assert transitions == 1
 

@@ -38,17 +38,23 @@ def _connect(url: str) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row)
 
 
+def _acl(column: str) -> str:
+    """An ACL column as sorted text: grant order is not a difference."""
+    return f"array(select unnest({column})::text order by 1) as acl"
+
+
 def _catalog(url: str) -> dict[str, list[dict]]:
     """Everything about Taskman's objects that a migration decides, in a comparable form."""
-    scope = "(select oid from pg_namespace where nspname in ('public', 'taskman', 'taskman_private'))"
+    scope = ("(select oid from pg_namespace"
+             " where nspname in ('public', 'taskman', 'taskman_private'))")
     tables = f"(select oid from pg_class where relnamespace in {scope})"
     queries = {
-        "relations": "select c.relnamespace::regnamespace::text as schema, c.relname, c.relkind,"
-                     " c.relrowsecurity, array(select unnest(c.relacl)::text order by 1) as acl from pg_class c"
+        "relations": "select c.relnamespace::regnamespace::text as schema, c.relname,"
+                     f" c.relkind, c.relrowsecurity, {_acl('c.relacl')} from pg_class c"
                      f" where c.relnamespace in {scope} order by 1, 2",
         "columns": "select a.attrelid::regclass::text as rel, a.attname,"
                    " format_type(a.atttypid, a.atttypmod), a.attnotnull,"
-                   " pg_get_expr(d.adbin, d.adrelid) as default, array(select unnest(a.attacl)::text order by 1) as acl"
+                   f" pg_get_expr(d.adbin, d.adrelid) as default, {_acl('a.attacl')}"
                    " from pg_attribute a left join pg_attrdef d"
                    " on d.adrelid = a.attrelid and d.adnum = a.attnum"
                    f" where a.attrelid in {tables} and a.attnum > 0 and not a.attisdropped"
@@ -61,10 +67,12 @@ def _catalog(url: str) -> dict[str, list[dict]]:
                     " from pg_policies where schemaname in ('public', 'taskman', 'taskman_private')"
                     " order by 1, 2, 3",
         "triggers": "select tgrelid::regclass::text as rel, tgname, pg_get_triggerdef(oid)"
-                    f" from pg_trigger where not tgisinternal and tgrelid in {tables} order by 1, 2",
+                    " from pg_trigger where not tgisinternal"
+                    f" and tgrelid in {tables} order by 1, 2",
         "functions": "select p.oid::regprocedure::text as fn, pg_get_functiondef(p.oid),"
-                     f" array(select unnest(p.proacl)::text order by 1) as acl from pg_proc p where p.pronamespace in {scope} order by 1",
-        "schemas": "select nspname, array(select unnest(nspacl)::text order by 1) as acl from pg_namespace"
+                     f" {_acl('p.proacl')} from pg_proc p where p.pronamespace in {scope}"
+                     " order by 1",
+        "schemas": f"select nspname, {_acl('nspacl')} from pg_namespace"
                    " where nspname in ('public', 'taskman', 'taskman_private') order by 1",
         "publication": "select schemaname, tablename from pg_publication_tables"
                        " where pubname = 'supabase_realtime' order by 1, 2",
@@ -137,8 +145,8 @@ def test_a_database_on_the_earlier_schema_moves_with_its_tasks_history_and_secre
         with conn.transaction():
             conn.execute("set local role anon")
             conn.execute("select set_config('request.jwt.claims', '{\"role\": \"anon\"}', true)")
-            conn.execute("select taskman.update_task(%s, status => 'completed', callback_token => %s)",
-                         (ids["waiting"], ids["token"]))
+            conn.execute("select taskman.update_task(%s, status => 'completed',"
+                         " callback_token => %s)", (ids["waiting"], ids["token"]))
         assert conn.execute("select status from taskman.tasks where task_id = %s",
                             (ids["waiting"],)).fetchone()["status"] == "completed"
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     edge_max_body_bytes: int = Field(
         default=2_097_152, ge=1_024, le=104_857_600, alias="TASKMAN_EDGE_MAX_BODY_BYTES"
     )
+    # Unset: /metrics is open. Set: it needs `Authorization: Bearer <token>`.
+    metrics_token: SecretStr | None = Field(default=None, alias="TASKMAN_METRICS_TOKEN")
 
     # Notifications: Slack alerts and signed completion callbacks, through the outbox.
     slack_webhook_url: SecretStr | None = Field(default=None, alias="SLACK_WEBHOOK_URL")

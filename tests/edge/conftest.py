@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,15 +71,17 @@ def edge_database_url(server_url: str) -> Iterator[str]:
             conn.execute(f"drop database if exists {name} with (force)")
 
 
-@pytest.fixture(scope="module")
-def edge(edge_database_url: str) -> Iterator[Edge]:
+@contextmanager
+def serve_edge(database_url: str, **overrides: Any) -> Iterator[Edge]:
+    """A live edge over ``database_url`` with the test settings, and ``overrides``."""
     settings = Settings(
         _env_file=None,
         TASKMAN_API_KEYS=f"other-key,{API_KEY}",
         SUPABASE_JWT_SECRET=JWT_SECRET,
         TASKMAN_EDGE_MAX_BODY_BYTES=65_536,
+        **overrides,
     )
-    app = create_app(settings, edge_database_url, keepalive_seconds=0.5)
+    app = create_app(settings, database_url, keepalive_seconds=0.5)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
@@ -90,11 +93,17 @@ def edge(edge_database_url: str) -> Iterator[Edge]:
         assert thread.is_alive() and time.monotonic() < deadline, "the edge did not start"
         time.sleep(0.02)
     try:
-        yield Edge(f"http://127.0.0.1:{sock.getsockname()[1]}", edge_database_url)
+        yield Edge(f"http://127.0.0.1:{sock.getsockname()[1]}", database_url)
     finally:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def edge(edge_database_url: str) -> Iterator[Edge]:
+    with serve_edge(edge_database_url) as server:
+        yield server
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ def test_callback_with_the_right_token_completes_the_task(edge, service, db) -> 
 
 def test_callback_with_a_wrong_token_is_refused_and_changes_nothing(edge, service, db) -> None:
     task = waiting_task(service)
-    before = db.execute("select * from taskman.tasks where task_id = %s", (task["task_id"],)).fetchone()
+    before = db.execute("select * from taskman.tasks where task_id = %s",
+                        (task["task_id"],)).fetchone()
 
     responses = [
         callback(edge, task, {"status": "completed"}, token="0" * 64),
@@ -45,7 +46,8 @@ def test_callback_with_a_wrong_token_is_refused_and_changes_nothing(edge, servic
 
     assert [r.status_code for r in responses] == [403, 403]
     assert responses[0].json()["error"]["code"] == "forbidden"
-    after = db.execute("select * from taskman.tasks where task_id = %s", (task["task_id"],)).fetchone()
+    after = db.execute("select * from taskman.tasks where task_id = %s",
+                       (task["task_id"],)).fetchone()
     assert after == before
     kinds = [r["event_type"] for r in db.execute(
         "select event_type from taskman.task_events where task_id = %s", (task["task_id"],))]

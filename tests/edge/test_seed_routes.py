@@ -64,7 +64,8 @@ def test_seed_workflow_end_to_end(service, db) -> None:
     assert status["result"] == {"summary": "Job done successfully"}
     assert status["progress"] == 100 and status["completed_at"]
     kinds = [r["event_type"] for r in db.execute(
-        "select event_type from taskman.task_events where task_id = %s order by event_id", (task_id,))]
+        "select event_type from taskman.task_events where task_id = %s order by event_id",
+        (task_id,))]
     assert kinds == ["created", "status_changed", "callback_received"]
 
 

@@ -67,6 +67,8 @@ def create_app(
         settings.jwt_audience,
     )
     app.state.metrics = EdgeMetrics(pool)
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    app.state.metrics_token = token.encode() if token else None
     install_error_handlers(app)
     app.include_router(routes.router, tags=["tasks"])
     app.include_router(routes.seed_router)

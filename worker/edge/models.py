@@ -92,6 +92,12 @@ class CreatedTask(Task):
     )
 
 
+class RetriedTask(Task):
+    """A task run again, with its new callback token (shown once; the old one is void)."""
+
+    callback_token: str = Field(description="Plain text, returned once.")
+
+
 class TaskStatus(BaseModel):
     """``get_task_status``: what a caller polling Taskman needs."""
 
@@ -154,7 +160,7 @@ class Stats(BaseModel):
 
 
 class CallbackAck(BaseModel):
-    """The answer to a third party's callback: deliberately minimal."""
+    """The answer to a callback token holder's report: deliberately minimal."""
 
     task_id: UUID
     status: Status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -33,6 +34,7 @@ from worker.edge.models import (
     DateTimeParam,
     EventPage,
     Health,
+    RetriedTask,
     Stats,
     Task,
     TaskPage,
@@ -207,10 +209,11 @@ def cancel_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
     return _call(request, caller, store.cancel_task, task_id)
 
 
-@router.post("/tasks/{task_id}/retry", response_model=Task, summary="Retry a task",
+@router.post("/tasks/{task_id}/retry", response_model=RetriedTask, summary="Retry a task",
              responses=error_responses(404, 409))
 def retry_task(request: Request, caller: Caller, task_id: TaskId) -> Any:
-    """Run a failed or cancelled task again, with fresh counters and deadline."""
+    """Run a failed or cancelled task again, with fresh counters and deadline, and a new
+    ``callback_token`` (shown once; the old one no longer works)."""
     return _call(request, caller, store.retry_task, task_id)
 
 
@@ -244,12 +247,13 @@ def seed_task_status(request: Request, caller: Caller, task_id: TaskId) -> Any:
     return _call(request, caller, store.get_task_status, task_id)
 
 
-@seed_router.post("/update-task/{task_id}", response_model=Task,
+@seed_router.post("/update-task/{task_id}", response_model=Task | CallbackAck,
                   summary="Report on a task (the seed's webhook)",
                   responses=error_responses(404, 409))
 def seed_update_task(request: Request, caller: Caller, task_id: TaskId, body: TaskUpdate) -> Any:
-    """``update_task``: with an API key as the service; otherwise the body must carry the
-    task's ``callback_token``."""
+    """``update_task``: with an API key as the service, answered with the task; otherwise
+    the body must carry the task's ``callback_token``, answered with ``task_id`` and
+    ``status`` only."""
     return _call(request, caller, store.update_task, task_id, body, body.callback_token)
 
 
@@ -307,9 +311,19 @@ def healthz(request: Request) -> Any:
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+               **error_responses(401)},
 )
 def metrics(request: Request) -> Response:
+    """Open unless ``TASKMAN_METRICS_TOKEN`` is set; then only for
+    ``Authorization: Bearer <that token>``."""
+    expected: bytes | None = request.app.state.metrics_token
+    if expected is not None:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), expected):
+            raise ApiError(
+                401, "unauthorized", "Send Authorization: Bearer <TASKMAN_METRICS_TOKEN>."
+            )
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
