@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     edge_max_body_bytes: int = Field(
         default=2_097_152, ge=1_024, le=104_857_600, alias="TASKMAN_EDGE_MAX_BODY_BYTES"
     )
+    # /events: open streams (each holds a socket) per user, and in all.
+    events_max_streams_per_user: int = Field(
+        default=5, ge=1, le=10_000, alias="TASKMAN_EVENTS_MAX_STREAMS_PER_USER"
+    )
+    events_max_streams: int = Field(
+        default=256, ge=1, le=100_000, alias="TASKMAN_EVENTS_MAX_STREAMS"
+    )
     # Unset: /metrics is open. Set: it needs `Authorization: Bearer <token>`.
     metrics_token: SecretStr | None = Field(default=None, alias="TASKMAN_METRICS_TOKEN")
 

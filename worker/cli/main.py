@@ -51,11 +51,13 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from worker.edge.access_log import uvicorn_log_config
     from worker.edge.app import create_app
 
     app = create_app(settings, database_url(settings))
     # Open /events streams would hold a graceful shutdown forever; give them a few seconds.
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5,
+                log_config=uvicorn_log_config())
     return 0
 
 

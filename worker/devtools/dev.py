@@ -22,6 +22,7 @@ from worker.config import Settings
 from worker.devtools.demo import REMOTE_PREFIX, sample_tasks
 from worker.devtools.demo import remote as demo_remote
 from worker.domain import TaskCreate
+from worker.edge.access_log import uvicorn_log_config
 from worker.edge.app import create_app
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.service import serve_worker
@@ -87,7 +88,8 @@ def run_dev(settings: Settings, conninfo: str, host: str, port: int, demo: bool)
         app.include_router(demo_remote)
     metrics = WorkerMetrics()  # one process: the edge's /metrics shows the worker's too
     app.state.metrics.registry.register(metrics.registry)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
+                                           log_config=uvicorn_log_config()))
     edge = _start_edge(server, sock)
     base = f"http://{local if host in ('0.0.0.0', '::') else host}:{sock.getsockname()[1]}"
     try:

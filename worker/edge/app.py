@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +19,8 @@ from worker.edge.auth import Authenticator
 from worker.edge.errors import error_body, install_error_handlers
 from worker.edge.metrics import EdgeMetrics, MetricsMiddleware
 from worker.edge.sse import TaskEventHub
+
+log = logging.getLogger(__name__)
 
 POOL_TIMEOUT_SECONDS = 10.0
 
@@ -38,7 +42,8 @@ def create_app(
         kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "taskman-edge"},
         open=False,
     )
-    hub = TaskEventHub(conninfo)
+    hub = TaskEventHub(conninfo, stream_capacity(settings.events_max_streams),
+                       settings.events_max_streams_per_user)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +83,19 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.edge_max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def stream_capacity(configured: int) -> int:
+    """How many /events streams to serve: ``configured``, lowered to half the file
+    descriptors the process may open, so that streams never take the sockets and
+    database connections every other request needs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or configured <= soft // 2:
+        return configured
+    capacity = max(1, soft // 2)
+    log.warning("serving at most %d event streams, not TASKMAN_EVENTS_MAX_STREAMS=%d: the "
+                "process may open only %d files", capacity, configured, soft)
+    return capacity
 
 
 class BodyLimitMiddleware:

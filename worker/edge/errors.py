@@ -35,12 +35,14 @@ class ErrorResponse(BaseModel):
 class ApiError(Exception):
     """An error answer: HTTP status, a stable machine code and a sentence for a person."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def not_found(what: str) -> ApiError:
@@ -73,6 +75,7 @@ ERROR_STATUSES = {
     409: "The task's state does not allow this.",
     413: "The request body is too large.",
     422: "Invalid input; the message names the field.",
+    429: "Too many open event streams; retry after Retry-After seconds.",
     503: "The database is unavailable; retry later.",
 }
 
@@ -89,7 +92,8 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=exc.status)
+    return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=exc.status,
+                        headers=exc.headers)
 
 
 def database_error(exc: psycopg.Error) -> ApiError:

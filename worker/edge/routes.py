@@ -17,11 +17,12 @@ from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import psycopg
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import ConnectionPool
+from starlette.types import Receive, Scope, Send
 
 from worker import db, store
 from worker.domain import Status, TaskCreate, TaskReport
@@ -42,7 +43,7 @@ from worker.edge.models import (
     TaskStatus,
     TaskUpdate,
 )
-from worker.edge.sse import event_stream
+from worker.edge.sse import StreamLimitReached, Subscription, TaskEventHub, event_stream
 
 T = TypeVar("T")
 
@@ -262,10 +263,14 @@ def seed_update_task(request: Request, caller: Caller, task_id: TaskId, body: Ta
 _ANY_JSON: dict[str, Any] = {"content": {"application/json": {"schema": {}}}}
 
 
+CALLBACK_TOKEN_HEADER = "X-Taskman-Callback-Token"
+_TOKEN_RULES: dict[str, Any] = {"min_length": 1, "max_length": 200, "pattern": r"^[!-~]+$"}
+
+
 @public_router.post(
     "/callbacks/{task_id}",
     response_model=CallbackAck,
-    summary="A third party reports on a task (token in the query string)",
+    summary="A third party reports on a task (token in a header, or the query string)",
     responses=error_responses(400, 403, 409, 413, 422, 503),
     openapi_extra={"requestBody": {"required": False, **_ANY_JSON}},
     dependencies=_checked,
@@ -273,14 +278,23 @@ _ANY_JSON: dict[str, Any] = {"content": {"application/json": {"schema": {}}}}
 async def callback(
     request: Request,
     task_id: TaskId,
-    token: Annotated[str, Query(min_length=1, max_length=200, pattern=r"^[!-~]+$",
-                                description="The task's callback_token.")],
+    token: Annotated[str | None, Query(
+        **_TOKEN_RULES, description="The task's callback_token, for remotes that cannot "
+        f"send headers (prefer {CALLBACK_TOKEN_HEADER}).")] = None,
+    header_token: Annotated[str | None, Header(
+        alias=CALLBACK_TOKEN_HEADER, **_TOKEN_RULES,
+        description="The task's callback_token.")] = None,
 ) -> Any:
-    """For remotes that cannot send headers. The body is read as ``{status, result,
-    error_message, progress, progress_message}``; anything else is read with the task's
-    response profile, as a poll answer would be. A wrong token is 403 and changes nothing."""
+    """For remotes that cannot authenticate to the API. The body is read as ``{status,
+    result, error_message, progress, progress_message}``; anything else is read with the
+    task's response profile, as a poll answer would be. A missing or wrong token is 403
+    and changes nothing."""
+    given = header_token or token
+    if given is None:
+        raise ApiError(403, "forbidden", f"Send the task's callback_token in the "
+                       f"{CALLBACK_TOKEN_HEADER} header.")
     raw = await request.body()
-    return await run_in_threadpool(_apply_callback, request, task_id, token, raw)
+    return await run_in_threadpool(_apply_callback, request, task_id, given, raw)
 
 
 def _apply_callback(request: Request, task_id: UUID, token: str, raw: bytes) -> dict[str, Any]:
@@ -328,20 +342,49 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# A refused stream is asked to wait this long: streams end when their clients leave.
+STREAM_RETRY_AFTER_SECONDS = 30
+
+
+class _EventStreamResponse(StreamingResponse):
+    """The stream of one subscription, which is given back however the stream ends
+    (even when the client leaves before the first byte)."""
+
+    def __init__(self, hub: TaskEventHub, subscription: Subscription,
+                 keepalive_seconds: float) -> None:
+        super().__init__(
+            event_stream(subscription, keepalive_seconds),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._hub = hub
+        self._subscription = subscription
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._hub.unsubscribe(self._subscription)
+
+
 @router.get(
     "/events",
     summary="Task changes as Server-Sent Events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+               **error_responses(429)},
 )
 async def events(request: Request, caller: Caller) -> StreamingResponse:
     """``event: task`` with ``{task_id, status, user_id}`` for every change the caller may
     see (a user: their own tasks; the service: all). A ``: connected`` comment comes once
-    the subscription is live, and a keep-alive comment when nothing happens."""
-    stream = event_stream(request.app.state.hub, caller, request.app.state.keepalive_seconds)
-    return StreamingResponse(
-        stream,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    the subscription is live, and a keep-alive comment when nothing happens. Each caller
+    may hold ``TASKMAN_EVENTS_MAX_STREAMS_PER_USER`` streams, the edge
+    ``TASKMAN_EVENTS_MAX_STREAMS``: past either, 429 with ``Retry-After``."""
+    hub: TaskEventHub = request.app.state.hub
+    try:
+        subscription = hub.subscribe(caller)
+    except StreamLimitReached as exc:
+        raise ApiError(429, "too_many_streams", str(exc),
+                       headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)}) from None
+    return _EventStreamResponse(hub, subscription, request.app.state.keepalive_seconds)
 

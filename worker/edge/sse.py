@@ -4,6 +4,9 @@ The database sends ``NOTIFY taskman`` with ``{task_id, status, user_id}`` on eve
 insert and status change. One connection listens for the whole edge and fans each
 notification out to the subscribers allowed to see it: the service sees every
 task, a user only their own.
+
+Each open stream holds a socket, so streams are capped per caller and in total:
+one user cannot take the file descriptors every other request needs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -34,6 +38,7 @@ class Subscription:
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
         self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
+        self.released = False
 
     def may_see(self, event: dict[str, Any]) -> bool:
         return self.principal.is_service or (
@@ -41,12 +46,28 @@ class Subscription:
         )
 
 
-class TaskEventHub:
-    """Listens on the ``taskman`` channel and fans notifications out to subscribers."""
+class StreamLimitReached(Exception):
+    """The caller, or the whole edge, already holds as many streams as allowed."""
 
-    def __init__(self, conninfo: str) -> None:
+
+def stream_owner(principal: Principal) -> str:
+    """Whose quota a stream counts against: the user, or the service."""
+    return principal.user_id or principal.role
+
+
+class TaskEventHub:
+    """Listens on the ``taskman`` channel and fans notifications out to subscribers.
+
+    At most ``max_streams`` subscriptions at once, and ``max_streams_per_owner`` for
+    each user (the service counts as one).
+    """
+
+    def __init__(self, conninfo: str, max_streams: int, max_streams_per_owner: int) -> None:
         self._conninfo = conninfo
+        self.max_streams = max_streams
+        self.max_streams_per_owner = max_streams_per_owner
         self._subscribers: set[Subscription] = set()
+        self._owners: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -61,15 +82,32 @@ class TaskEventHub:
         for subscription in list(self._subscribers):
             self._close(subscription)
 
-    @contextlib.contextmanager
-    def subscribe(self, principal: Principal) -> Iterator[Subscription]:
-        """Receive the events ``principal`` may see while the context is open."""
+    def subscribe(self, principal: Principal) -> Subscription:
+        """Start receiving the events ``principal`` may see; ``unsubscribe`` when done.
+
+        Raises StreamLimitReached past either cap.
+        """
+        owner = stream_owner(principal)
+        if self._owners[owner] >= self.max_streams_per_owner:
+            raise StreamLimitReached(
+                f"You already hold {self.max_streams_per_owner} open event streams; "
+                "close one first.")
+        if sum(self._owners.values()) >= self.max_streams:
+            raise StreamLimitReached("The edge holds as many event streams as it serves.")
         subscription = Subscription(principal)
         self._subscribers.add(subscription)
-        try:
-            yield subscription
-        finally:
-            self._subscribers.discard(subscription)
+        self._owners[owner] += 1
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop delivering to ``subscription`` and free its place; idempotent."""
+        self._subscribers.discard(subscription)
+        if not subscription.released:
+            subscription.released = True
+            owner = stream_owner(subscription.principal)
+            self._owners[owner] -= 1
+            if self._owners[owner] <= 0:
+                del self._owners[owner]
 
     def publish(self, event: dict[str, Any]) -> None:
         """Hand ``event`` to every subscriber that may see it."""
@@ -116,19 +154,16 @@ class TaskEventHub:
             self.publish(event)
 
 
-async def event_stream(
-    hub: TaskEventHub, principal: Principal, keepalive_seconds: float
-) -> AsyncIterator[str]:
-    """The SSE text for one client: a ``connected`` comment once subscribed, then
-    ``event: task`` messages, and a keep-alive comment whenever the line is quiet."""
-    with hub.subscribe(principal) as subscription:
-        yield "retry: 3000\n: connected\n\n"
-        while True:
-            try:
-                event = await asyncio.wait_for(subscription.queue.get(), keepalive_seconds)
-            except TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            if event is None:
-                return
-            yield f"event: task\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+async def event_stream(subscription: Subscription, keepalive_seconds: float) -> AsyncIterator[str]:
+    """The SSE text for one subscribed client: a ``connected`` comment, then ``event:
+    task`` messages, and a keep-alive comment whenever the line is quiet."""
+    yield "retry: 3000\n: connected\n\n"
+    while True:
+        try:
+            event = await asyncio.wait_for(subscription.queue.get(), keepalive_seconds)
+        except TimeoutError:
+            yield ": keep-alive\n\n"
+            continue
+        if event is None:
+            return
+        yield f"event: task\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
