@@ -60,7 +60,9 @@ class TestOwnerlessTasks:
         theirs = _sqlstate(lambda: api.rpc("authenticated", function, sub, task_id=ownerless))
         missing = _sqlstate(lambda: api.rpc("authenticated", function, sub,
                                             task_id=str(uuid.uuid4())))
-        assert theirs == missing == "PT404"
+        # The same answer for "not yours" as for "does not exist"; a caller without a
+        # user id is refused outright (42501), whatever the task.
+        assert theirs == missing == ("PT404" if sub else "42501")
         assert task_row(conn, ownerless) == before
 
     def test_another_user_sees_nothing_of_it_in_tables(self, api, ownerless) -> None:
@@ -290,9 +292,9 @@ class TestRoleClaims:
 
         assert _sqlstate(lambda: call("update_task", task_id=task["task_id"],
                                       status="completed")) == "PT403"
-        if role == "authenticated":
-            assert _sqlstate(lambda: call("get_task_status", task_id=task["task_id"])) == "PT404"
-            assert _sqlstate(lambda: call("cancel_task", task_id=task["task_id"])) == "PT404"
+        if role == "authenticated":  # neither the service nor a user: refused outright
+            assert _sqlstate(lambda: call("get_task_status", task_id=task["task_id"])) == "42501"
+            assert _sqlstate(lambda: call("cancel_task", task_id=task["task_id"])) == "42501"
         assert task_row(conn, task["task_id"]) == before
 
     def test_the_service_role_session_is_the_service(self, api, conn) -> None:
