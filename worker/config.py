@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,8 +39,20 @@ class Settings(BaseSettings):
     api_keys: Annotated[frozenset[str], NoDecode] = Field(
         default=frozenset(), alias="TASKMAN_API_KEYS"
     )
+    # Supabase user tokens: ES256/RS256 against the JWKS of SUPABASE_URL's Auth, and/or
+    # HS256 with the legacy shared secret. Neither set: only API keys are accepted.
+    supabase_url: str | None = Field(default=None, alias="SUPABASE_URL")
     jwt_secret: SecretStr | None = Field(default=None, alias="SUPABASE_JWT_SECRET")
     jwt_audience: str = Field(default="authenticated", alias="SUPABASE_JWT_AUDIENCE")
+    # The JWKS: seconds a fetch may take; at most one fetch per refresh interval (unknown
+    # kids, Auth down); seconds a fetched key set is used before it is fetched again.
+    jwks_timeout_seconds: float = Field(default=5.0, gt=0, le=60, alias="TASKMAN_JWKS_TIMEOUT")
+    jwks_refresh_interval_seconds: float = Field(
+        default=30.0, gt=0, le=3_600, alias="TASKMAN_JWKS_REFRESH_INTERVAL"
+    )
+    jwks_max_age_seconds: float = Field(
+        default=600.0, gt=0, le=86_400, alias="TASKMAN_JWKS_MAX_AGE"
+    )
     edge_pool_size: int = Field(default=10, ge=1, le=200, alias="TASKMAN_EDGE_POOL_SIZE")
     edge_max_body_bytes: int = Field(
         default=2_097_152, ge=1_024, le=104_857_600, alias="TASKMAN_EDGE_MAX_BODY_BYTES"
@@ -73,6 +86,21 @@ class Settings(BaseSettings):
     outbox_retry_max_seconds: float = Field(
         default=3_600.0, gt=0, le=86_400, alias="TASKMAN_OUTBOX_RETRY_MAX"
     )
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _project_url(cls, value: str | None) -> str | None:
+        """``https://<project>.supabase.co``, without a trailing slash; empty is unset."""
+        if not value or not value.strip():
+            return None
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be the project's URL, like https://<project>.supabase.co")
+        if parts.path or parts.query or parts.fragment:
+            raise ValueError("must be the project's URL alone, like https://<project>.supabase.co"
+                             " (no path: the edge adds /auth/v1/.well-known/jwks.json)")
+        return url
 
     @field_validator("allowed_hosts", "api_keys", mode="before")
     @classmethod

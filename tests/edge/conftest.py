@@ -73,14 +73,14 @@ def edge_database_url(server_url: str) -> Iterator[str]:
 
 @contextmanager
 def serve_edge(database_url: str, **overrides: Any) -> Iterator[Edge]:
-    """A live edge over ``database_url`` with the test settings, and ``overrides``."""
-    settings = Settings(
-        _env_file=None,
-        TASKMAN_API_KEYS=f"other-key,{API_KEY}",
-        SUPABASE_JWT_SECRET=JWT_SECRET,
-        TASKMAN_EDGE_MAX_BODY_BYTES=65_536,
+    """A live edge over ``database_url`` with the test settings, changed by ``overrides``."""
+    values: dict[str, Any] = {
+        "TASKMAN_API_KEYS": f"other-key,{API_KEY}",
+        "SUPABASE_JWT_SECRET": JWT_SECRET,
+        "TASKMAN_EDGE_MAX_BODY_BYTES": 65_536,
         **overrides,
-    )
+    }
+    settings = Settings(_env_file=None, **values)
     app = create_app(settings, database_url, keepalive_seconds=0.5)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

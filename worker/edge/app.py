@@ -70,6 +70,10 @@ def create_app(
         settings.api_keys,
         settings.jwt_secret.get_secret_value() if settings.jwt_secret else None,
         settings.jwt_audience,
+        supabase_url=settings.supabase_url,
+        jwks_timeout=settings.jwks_timeout_seconds,
+        jwks_refresh_interval=settings.jwks_refresh_interval_seconds,
+        jwks_max_age=settings.jwks_max_age_seconds,
     )
     app.state.metrics = EdgeMetrics(pool)
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""

@@ -76,7 +76,7 @@ ERROR_STATUSES = {
     413: "The request body is too large.",
     422: "Invalid input; the message names the field.",
     429: "Too many open event streams; retry after Retry-After seconds.",
-    503: "The database is unavailable; retry later.",
+    503: "The database or Supabase Auth's signing keys (JWKS) are unavailable; retry later.",
 }
 
 
