@@ -53,9 +53,10 @@ def test_a_503_with_retry_after_waits_as_asked(remote) -> None:
 
 def test_a_transient_failure_backs_off_exponentially_with_jitter(remote) -> None:
     url = remote.script("/b", Reply(500))
-    delays = [poll(url, error_count=n, TASKMAN_RETRY_BASE="1", TASKMAN_RETRY_MAX="100")
-              ["delay_seconds"] for n in range(4)]
-    assert delays == [0.5, 1.0, 2.0, 4.0]  # rand() = 0.5 of base * 2**(n-1)
+    delays = [poll(url, error_count=n, TASKMAN_RETRY_BASE="1", TASKMAN_RETRY_MAX="100",
+                   TASKMAN_MIN_POLL_INTERVAL="0.2")["delay_seconds"] for n in range(4)]
+    # rand() = 0.5 of the way from the floor to base * 2**(n-1)
+    assert delays == pytest.approx([0.6, 1.1, 2.1, 4.1])
 
 
 def test_a_long_running_task_is_polled_less_often(remote) -> None:

@@ -11,6 +11,7 @@ from pydantic_settings import SettingsError
 
 from worker import migrate as migrations
 from worker.config import Settings
+from worker.notification_commands import add_notification_commands
 from worker.task_commands import CommandError, add_task_commands
 
 DEFAULT_PORT = 8080
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     add_task_commands(commands, _with_database)
+    add_notification_commands(commands, _with_database)
     return parser
 
 
