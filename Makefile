@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.worker_throughput
 	$(BIN)/python -m bench.worker_latency
 	$(BIN)/python -m bench.worker_memory
+	$(BIN)/python -m bench.guards
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -54,3 +54,11 @@ set session_replication_role = replica
 
 -- name: analyze_tasks
 vacuum analyze taskman.tasks
+
+-- name: create_due_tasks_every_second
+-- As create_due_tasks, polled every second (the floor) while they have no news.
+insert into taskman.tasks (poll_url, poll_interval_seconds)
+select %(base_url)s || '/status/' || i, 1 from generate_series(1, %(count)s) as i
+
+-- name: polls_made
+select coalesce(sum(attempt_count), 0)::bigint from taskman.tasks

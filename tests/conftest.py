@@ -63,6 +63,26 @@ def database_url(server_url: str) -> Iterator[str]:
             conn.execute(f"drop database if exists {name} with (force)")
 
 
+@pytest.fixture(scope="module")
+def module_database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database shared by one module's tests (for hypothesis suites)."""
+    name = f"taskman_module_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"create database {name} template {TEMPLATE}")
+    try:
+        yield _with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"drop database if exists {name} with (force)")
+
+
+@pytest.fixture(scope="module")
+def module_conn(module_database_url: str) -> Iterator[psycopg.Connection]:
+    """A superuser connection to module_database_url."""
+    with psycopg.connect(module_database_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
 @pytest.fixture
 def conn(database_url: str) -> Iterator[psycopg.Connection]:
     """A superuser connection (the worker's view) to the test database."""

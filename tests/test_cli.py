@@ -87,3 +87,34 @@ def test_migrate_reminds_to_expose_the_schema_until_postgrest_lists_it(database_
         conn.execute(f"alter role authenticator in database {database} reset pgrst.db_schemas")
     assert "do not list it" in not_listed.stdout
     assert "Exposed schemas" not in listed.stdout
+
+
+def test_notifications_lists_failing_and_given_up_deliveries(database_url, conn) -> None:
+    from tests.factories import create_task
+    from tests.receivers import Receiver
+    from tests.test_outbox import dispatch, make_settings
+
+    hook = Receiver(status=500)
+    try:
+        ids = [create_task(conn, callback_url=f"{hook.url}/{i}")["task_id"] for i in range(2)]
+        conn.execute("select taskman.update_task(%s, 'completed', %s::jsonb) is not null",
+                     (ids[0], "[" * 5000 + "]" * 5000))
+        conn.execute("select taskman.update_task(%s, 'completed')", (ids[1],))
+        settings = make_settings(TASKMAN_OUTBOX_MAX_ATTEMPTS=2)
+        dispatch(database_url, settings)
+        conn.execute("update taskman_private.outbox set next_attempt_at = now()"
+                     " where task_id = %s", (ids[0],))
+        dispatch(database_url, settings)
+    finally:
+        hook.stop()
+
+    listed = json.loads(taskman(database_url, "notifications", "--json").stdout)
+    assert {(r["task_id"], r["state"], r["attempts"]) for r in listed} == {
+        (ids[0], "given_up", 2), (ids[1], "failing", 1)}
+    given_up = json.loads(taskman(database_url, "notifications", "--given-up", "--json").stdout)
+    assert [r["task_id"] for r in given_up] == [ids[0]]
+    assert given_up[0]["last_error"].startswith("the task's JSON could not be read")
+    table = taskman(database_url, "notifications", "--failing")
+    assert table.returncode == 0 and ids[1] in table.stdout and "HTTP 500" in table.stdout
+    assert ids[0] not in table.stdout
+    assert "no failing" in taskman(database_url, "notifications", "--limit", "0").stdout

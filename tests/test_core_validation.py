@@ -31,8 +31,19 @@ BAD_INPUT = [
     ("poll_config", json.dumps({"surprise": True})),
     ("metadata", json.dumps({"blob": "x" * 70_000})),
     ("metadata", json.dumps(["not", "an", "object"])),
+    ("poll_config", json.dumps({"status_path": "[@,@][]" * 6})),  # 6 projections
+    ("poll_config", json.dumps({"result_path": "(" * 11 + "a" + ")" * 11})),
+    ("poll_config", json.dumps({"error_path": "||".join(["length(a)"] * 9)})),
+    ("poll_config", json.dumps({"progress_path": "a" * 501})),
+    ("poll_config", json.dumps({"completed_values": ["done"] * 3000})),  # over 16 KiB
     ("poll_headers", json.dumps({"X-Key": 123})),
     ("poll_headers", json.dumps({"Bad Header": "v"})),
+    ("poll_headers", json.dumps({"X-Key": "caf\u00e9"})),  # not ASCII
+    ("poll_headers", json.dumps({"X-Key": "a\r\nX-Injected: 1"})),
+    ("poll_headers", json.dumps({"X-Key": " padded "})),
+    ("poll_headers", json.dumps({"X-Key": "bell\u0007"})),  # (jsonb itself refuses NUL)
+    ("poll_headers", json.dumps({"Content-Length": "5"})),
+    ("poll_headers", json.dumps({"Transfer-Encoding": "chunked"})),
     ("idempotency_key", "k" * 300),
 ]
 
@@ -101,3 +112,39 @@ def test_worker_functions_refuse_bad_arguments(conn, call, field) -> None:
     with pytest.raises(psycopg.Error) as err:
         conn.execute(call)
     assert err.value.sqlstate == "22023" and field in err.value.diag.message_primary
+
+
+@pytest.mark.parametrize(("column", "expression", "problem"), [
+    ("status_path", "a[*].b[*].c[*].d[*].e[*].f[*]", "has 6 projections"),
+    ("result_path", "[" * 11 + "@" + "]" * 11, "nests brackets 11 deep"),
+    ("error_path", "x" * 501, "is longer than 500 characters"),
+])
+def test_response_profiles_refuse_expressions_past_the_bounds(conn, column, expression,
+                                                              problem) -> None:
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(f"insert into taskman.response_profiles (name, status_path, {column})"
+                     " values ('mine', 'status', %s)"
+                     if column != "status_path" else
+                     "insert into taskman.response_profiles (name, status_path)"
+                     " values ('mine', %s)",
+                     (expression,))
+    assert err.value.sqlstate == "22023"
+    assert err.value.diag.message_primary.startswith(f"{column} {problem}")
+    with pytest.raises(psycopg.Error):
+        conn.execute(f"update taskman.response_profiles set {column} = %s where name = 'generic'",
+                     (expression,))
+    assert conn.execute("select count(*) as n from taskman.response_profiles"
+                        " where name = 'mine'").fetchone()["n"] == 0
+
+
+def test_expressions_within_the_bounds_and_valid_headers_are_accepted(conn) -> None:
+    conn.execute("insert into taskman.response_profiles (name, status_path, result_path)"
+                 " values ('mine', 'job.\"state[*]\"', 'files[?size > `1`].urls[*] | [0]')")
+    headers = {"Authorization": "Bearer abc.def", "X-Empty": "", "X-Inner": "a b\tc",
+               "X-All": "".join(chr(c) for c in range(0x21, 0x7F))}
+    task = conn.execute("select taskman.create_task(poll_url => 'https://api.example.com/1',"
+                        " poll_headers => %s, poll_config => %s) as t",
+                        (json.dumps(headers), json.dumps({"profile": "mine"}))).fetchone()["t"]
+    stored = conn.execute("select poll_headers from taskman_private.task_private"
+                          " where task_id = %s", (task["task_id"],)).fetchone()
+    assert stored["poll_headers"] == headers

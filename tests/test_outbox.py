@@ -341,3 +341,34 @@ def test_only_the_service_may_claim_or_record_deliveries(api, role) -> None:
         api.rpc(role, "claim_outbox", sub=sub, worker_id="intruder")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         api.rpc(role, "record_outbox_results", sub=sub, results=Jsonb([]))
+
+
+@pytest.mark.parametrize("poison", ["[" * 5000 + "]" * 5000,  # deeper than Python reads
+                                    "1" + "0" * 5000])  # more digits than Python's int allows
+def test_a_result_python_cannot_read_fails_alone_then_is_given_up(conn, database_url, hook,
+                                                                  poison) -> None:
+    bad = create_task(conn, callback_url=f"{hook.url}/poison")["task_id"]
+    conn.execute("select taskman.update_task(%s, 'completed', %s::jsonb) is not null",
+                 (bad, poison))
+    good = create_task(conn, callback_url=f"{hook.url}/normal")["task_id"]
+    end_task(conn, good, "completed")
+    settings = make_settings(TASKMAN_OUTBOX_MAX_ATTEMPTS=2)
+
+    first = dispatch(database_url, settings)
+    assert (first.claimed, first.delivered, first.failed) == (2, 1, 1)
+    assert [r.path for r in hook.received] == ["/normal"]  # the row behind it went out
+    make_due(conn)
+    assert dispatch(database_url, settings).given_up == 1
+
+    failed, given_up = delivery_events(conn, bad)
+    assert (failed["event_type"], failed["detail"]["reason"]) == (
+        "notification_failed", "unreadable_payload")
+    assert "next_attempt_at" in failed["detail"]
+    assert (given_up["event_type"], given_up["detail"]["attempt"]) == (
+        "notification_given_up", 2)
+    row = conn.execute("select given_up_at, last_error from taskman_private.outbox"
+                       " where task_id = %s",
+                       (bad,)).fetchone()
+    assert row["given_up_at"] is not None
+    assert row["last_error"].startswith("the task's JSON could not be read")
+    assert hook.received[1:] == []

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.hostile_remote import Attack, HostileRemote, forever, hostile_remote, once, response
 from tests.remote_api import RemoteAPI, Reply, remote_api
 from tests.worker_harness import worker_settings
 from worker.domain import ClaimedTask
@@ -27,9 +31,11 @@ def remote() -> Iterator[RemoteAPI]:
 
 
 def poll(url: str, *, method: str = "GET", body: Any = None, attempt_count: int = 0,
-         error_count: int = 0, profile: str = GENERIC, **env: Any) -> dict[str, Any]:
+         error_count: int = 0, profile: str = GENERIC, headers: dict[str, str] | None = None,
+         **env: Any) -> dict[str, Any]:
     """The outcome of polling a task at `url` once."""
-    task = ClaimedTask(task_id=uuid.uuid4(), poll_url=url, poll_method=method, poll_headers={},
+    task = ClaimedTask(task_id=uuid.uuid4(), poll_url=url, poll_method=method,
+                       poll_headers=headers or {},
                        poll_body=None if body is None else json.dumps(body), profile=profile,
                        attempt_count=attempt_count, error_count=error_count,
                        poll_interval_seconds=10)
@@ -54,9 +60,10 @@ def test_a_503_with_retry_after_waits_as_asked(remote) -> None:
 
 def test_a_transient_failure_backs_off_exponentially_with_jitter(remote) -> None:
     url = remote.script("/b", Reply(500))
-    delays = [poll(url, error_count=n, TASKMAN_RETRY_BASE="1", TASKMAN_RETRY_MAX="100")
-              ["delay_seconds"] for n in range(4)]
-    assert delays == [0.5, 1.0, 2.0, 4.0]  # rand() = 0.5 of base * 2**(n-1)
+    delays = [poll(url, error_count=n, TASKMAN_RETRY_BASE="1", TASKMAN_RETRY_MAX="100",
+                   TASKMAN_MIN_POLL_INTERVAL="0.2")["delay_seconds"] for n in range(4)]
+    # rand() = 0.5 of the way from the floor to base * 2**(n-1)
+    assert delays == pytest.approx([0.6, 1.1, 2.1, 4.1])
 
 
 def test_a_long_running_task_is_polled_less_often(remote) -> None:
@@ -102,3 +109,80 @@ def test_an_unreachable_host_is_a_transient_failure() -> None:
     outcome = poll("http://127.0.0.1:9/status")  # discard port: nothing listens
     assert (outcome["ok"], outcome.get("status")) == (False, None)
     assert outcome["raw_error"].startswith("ConnectError")
+
+
+def _compressed(remote: HostileRemote, path: str, coding: str, body: bytes) -> str:
+    return remote.attack(path, once(response("200 OK", body, {
+        "Content-Type": "application/json", "Content-Encoding": coding})))
+
+
+DONE_BODY = b'{"status": "done", "result": {"rows": 3}}'
+
+
+@pytest.mark.parametrize(("coding", "encoded"), [
+    ("gzip", gzip.compress(DONE_BODY)), ("x-gzip", gzip.compress(DONE_BODY)),
+    ("deflate", zlib.compress(DONE_BODY)),
+    ("deflate", zlib.compress(DONE_BODY)[2:-4]),  # raw deflate, as some servers send it
+    ("identity", DONE_BODY),
+])
+def test_compressed_answers_are_read(coding, encoded) -> None:
+    with hostile_remote() as remote:
+        outcome = poll(_compressed(remote, "/z", coding, encoded))
+    assert (outcome["status"], outcome["result"]) == ("completed", {"rows": 3})
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_the_size_cap_applies_after_decompression(coding) -> None:
+    bomb = (gzip.compress if coding == "gzip" else zlib.compress)(b" " * (64 << 20), 9)
+    with hostile_remote() as remote:
+        outcome = poll(_compressed(remote, "/bomb", coding, bomb),
+                       TASKMAN_MAX_RESPONSE_BYTES="65536")
+    assert len(bomb) < 65536  # small on the wire
+    assert (outcome["ok"], outcome["error_code"], outcome["reason"]) == (
+        False, "invalid_response", "response_too_large")
+    assert "exceeded 65536 bytes" in outcome["raw_error"]
+
+
+@pytest.mark.parametrize(("coding", "body", "says"), [
+    ("br", b"\x0b\x02\x80{}\x03", "unsupported Content-Encoding: 'br'"),
+    ("gzip", b"\x1f\x8bnot really gzip", "corrupt"),
+])
+def test_answers_that_cannot_be_decoded_are_unreadable(coding, body, says) -> None:
+    with hostile_remote() as remote:
+        outcome = poll(_compressed(remote, "/odd", coding, body))
+    assert (outcome["ok"], outcome["error_code"], outcome["reason"]) == (
+        False, "invalid_response", "undecodable_body")
+    assert says in outcome["raw_error"]
+
+
+def test_a_body_that_never_ends_is_cut_by_the_poll_timeout() -> None:
+    trickle = Attack(lambda: _then_forever(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b" "), pause=0.1)
+    with hostile_remote() as remote:
+        started = time.monotonic()
+        outcome = poll(remote.attack("/slow", trickle), TASKMAN_POLL_TIMEOUT="1")
+    assert 1 <= time.monotonic() - started < 3
+    assert (outcome["ok"], outcome["reason"]) == (False, "timeout")
+
+
+def test_a_remote_that_always_says_now_is_polled_no_sooner_than_the_floor(remote) -> None:
+    url = remote.script("/now", Reply(202, json={"status": "running"},
+                                      headers={"Retry-After": "0"}))
+    assert poll(url, TASKMAN_MIN_POLL_INTERVAL="1")["delay_seconds"] == 1
+    url = remote.script("/busy", Reply(429, headers={"Retry-After": "0"}))
+    assert poll(url, TASKMAN_MIN_POLL_INTERVAL="1")["delay_seconds"] == 1
+    url = remote.script("/err", Reply(500))
+    assert poll(url, TASKMAN_MIN_POLL_INTERVAL="1", TASKMAN_RETRY_BASE="0.01")[
+        "delay_seconds"] == 1
+
+
+def test_a_claim_the_poller_cannot_handle_fails_its_task_with_a_message(remote) -> None:
+    outcome = poll(remote.script("/x", Reply(json={"status": "done"})), profile="{not json")
+    assert (outcome["status"], outcome["error_code"], outcome["reason"]) == (
+        "failed", "poll_error", "unexpected_error")
+    assert "unexpected JSONDecodeError" in outcome["error_message"]
+
+
+def _then_forever(first: bytes, chunk: bytes) -> Iterator[bytes]:
+    yield first
+    yield from forever(chunk)

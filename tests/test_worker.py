@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from tests.factories import create_task, events, task_row
 from tests.remote_api import RemoteAPI, Reply, remote_api
@@ -281,3 +284,53 @@ def test_the_worker_carries_on_after_a_database_restart(remote) -> None:
                 assert ended(conn2, after)["status"] == "completed"
     finally:
         cluster.stop()
+
+
+def test_a_costly_expression_fails_its_task_while_its_neighbours_complete(
+        conn, database_url, remote) -> None:
+    big = {"status": "done", "items": [{"id": i} for i in range(2000)]}
+    costly = remote.script("/costly", Reply(json=big))
+    # Within the static bounds (no projection at all), but written out it doubles 50 times.
+    config = {"result_path": "[@,@]|" * 50 + "@"}
+    with remote_api() as other_host:
+        healthy = [other_host.script(f"/h/{i}", DONE) for i in range(20)]
+        with running_worker(database_url):
+            task_id = create_task(conn, poll_url=costly, poll_config=config)["task_id"]
+            neighbours = [create_task(conn, poll_url=url.replace("127.0.0.1", "localhost"))
+                          ["task_id"] for url in healthy]
+            row = ended(conn, task_id)
+            assert all(ended(conn, n)["status"] == "completed" for n in neighbours)
+    assert (row["status"], row["error_code"], row["attempt_count"]) == (
+        "failed", "invalid_response", 1)
+    assert "evaluation budget" in row["error_message"]
+    assert "result_path" in row["error_message"]
+    polled = [e for e in events(conn, task_id) if e["event_type"] == "polled"]
+    assert polled[0]["detail"]["reason"] == "evaluation_budget"
+
+
+def test_an_expression_stored_before_the_bounds_is_refused_without_polling(
+        conn, database_url, remote) -> None:
+    url = remote.script("/old", DONE)
+    task_id = create_task(conn, poll_url=url)["task_id"]
+    conn.execute("set session_replication_role = replica")  # as written before the checks
+    conn.execute("update taskman.tasks set poll_config = %s where task_id = %s",
+                 (Jsonb({"status_path": "[@,@][]" * 30}), task_id))
+    conn.execute("reset session_replication_role")
+    with running_worker(database_url):
+        row = ended(conn, task_id)
+    assert (row["status"], row["error_code"]) == ("failed", "invalid_response")
+    assert "status_path has 30 projections" in row["error_message"]
+    assert remote.hits("/old") == []
+
+
+def test_a_remote_that_always_says_now_gets_at_most_one_poll_a_second(
+        conn, database_url, remote) -> None:
+    url = remote.script("/hot", Reply(202, json={"status": "running"},
+                                      headers={"Retry-After": "0"}))
+    with running_worker(database_url, TASKMAN_MIN_POLL_INTERVAL="1"):
+        create_task(conn, poll_url=url, poll_interval_seconds=5)
+        wait_until(lambda: remote.hits("/hot"))
+        time.sleep(3.2)
+    hits = [h.at for h in remote.hits("/hot")]
+    assert 3 <= len(hits) <= 5
+    assert all(b - a >= 0.95 for a, b in itertools.pairwise(hits))

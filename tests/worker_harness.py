@@ -19,10 +19,11 @@ from worker.polling.loop import PeriodicJob, Worker
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 
-# Tests poll their own servers on 127.0.0.1, and retry fast.
+# Tests poll their own servers on 127.0.0.1, and retry fast (with a floor to match).
 TEST_ENV = {
     "TASKMAN_ALLOW_PRIVATE_NETWORKS": "true",
     "TASKMAN_RETRY_BASE": "0.05",
+    "TASKMAN_MIN_POLL_INTERVAL": "0.05",
     "TASKMAN_RETRY_MAX": "0.2",
     "TASKMAN_POLL_TIMEOUT": "5",
     "TASKMAN_CONCURRENCY": "20",

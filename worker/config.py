@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     poll_timeout_seconds: float = Field(default=30.0, gt=0, le=600, alias="TASKMAN_POLL_TIMEOUT")
     max_response_bytes: int = Field(
         default=1_048_576, ge=1_024, le=104_857_600, alias="TASKMAN_MAX_RESPONSE_BYTES"
+    )
+    # Steps one answer's reading (all its profile's JMESPath expressions) may take.
+    expression_budget: int = Field(
+        default=200_000, ge=1_000, le=100_000_000, alias="TASKMAN_EXPRESSION_BUDGET"
     )
     allow_private_networks: bool = Field(default=False, alias="TASKMAN_ALLOW_PRIVATE_NETWORKS")
     allowed_hosts: Annotated[frozenset[str], NoDecode] = Field(
@@ -116,6 +120,16 @@ class Settings(BaseSettings):
     max_poll_interval_seconds: float = Field(
         default=600.0, ge=1, le=86_400, alias="TASKMAN_MAX_POLL_INTERVAL"
     )
+    # No task is polled again sooner than this, whatever the remote or the backoff says.
+    min_poll_interval_seconds: float = Field(
+        default=1.0, gt=0, le=3_600, alias="TASKMAN_MIN_POLL_INTERVAL"
+    )
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, le=3_600, alias="TASKMAN_SHUTDOWN_GRACE"
     )
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> Settings:
+        if self.min_poll_interval_seconds > self.max_poll_interval_seconds:
+            raise ValueError("TASKMAN_MIN_POLL_INTERVAL must not exceed TASKMAN_MAX_POLL_INTERVAL")
+        return self

@@ -130,8 +130,11 @@ listen taskman
 -- The outbox (worker.notify): claim due deliveries, record what happened.
 
 -- name: claim_outbox
-select * from taskman.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
-                                  %(lease_seconds)s::integer)
+-- Payloads come as JSON text and are parsed row by row: one that Python cannot
+-- read (nested thousands deep, say) fails alone instead of the whole claim.
+select outbox_id, task_id, channel, payload::text as payload, attempts
+from taskman.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
+                         %(lease_seconds)s::integer)
 
 -- name: record_outbox_results
 select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
@@ -171,3 +174,21 @@ select exists (
   select 1 from taskman.tasks
   where metadata @> '{"demo": true}' and status in ('pending', 'in_progress')
 ) as live
+
+-- The CLI (taskman notifications): deliveries that are failing or were given up.
+
+-- name: troubled_notifications
+-- Undelivered rows that have failed at least once (still retrying) or were
+-- given up (dead letters), newest first.
+select o.outbox_id, o.task_id, o.channel,
+       case when o.given_up_at is not null then 'given_up' else 'failing' end as state,
+       o.attempts, o.last_error, o.created_at,
+       case when o.given_up_at is null then o.next_attempt_at end as next_attempt_at,
+       o.given_up_at
+from taskman_private.outbox o
+where o.delivered_at is null
+  and (o.given_up_at is not null or o.attempts > 0)
+  and (%(state)s::text is null
+       or (%(state)s::text = 'given_up') = (o.given_up_at is not null))
+order by o.outbox_id desc
+limit %(limit)s::integer

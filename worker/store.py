@@ -7,7 +7,6 @@ own row shape, so callers never depend on a connection's row factory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -17,7 +16,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row, scalar_row
 
 from worker import db
-from worker.domain import ClaimedTask, JsonObject, PollOutcome, TaskCreate, TaskReport
+from worker.domain import ClaimedTask, JsonObject, TaskCreate, TaskReport
 
 Row = dict[str, Any]
 _JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata")
@@ -181,6 +180,13 @@ def callback_profile(conn: psycopg.Connection[Any], task_id: UUID | str,
                    {"task_id": task_id, "callback_token": callback_token})
 
 
+def troubled_notifications(conn: psycopg.Connection[Any], state: str | None,
+                           limit: int) -> list[Row]:
+    """Undelivered alerts and callbacks that failed (``failing``) or were given up
+    (``given_up``); both when ``state`` is None. Newest first."""
+    return _rows(conn, "troubled_notifications", {"state": state, "limit": limit})
+
+
 def tasks_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return {r["status"]: r["n"] for r in _rows(conn, "tasks_by_status")}
 
@@ -210,10 +216,11 @@ async def claim_due_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
         return await cur.fetchall()
 
 
-async def record_poll_results(conn: psycopg.AsyncConnection[Any],
-                              outcomes: Sequence[PollOutcome]) -> int:
-    """Write a batch of poll outcomes; returns how many were recorded."""
-    return int(await _ascalar(conn, "record_poll_results", {"results": json.dumps(outcomes)}))
+async def record_poll_results(conn: psycopg.AsyncConnection[Any], outcomes_json: str) -> int:
+    """Write a batch of poll outcomes (a JSON array of PollOutcome, serialised by the caller
+    one by one so that one that cannot be written out fails alone); returns how many
+    were recorded."""
+    return int(await _ascalar(conn, "record_poll_results", {"results": outcomes_json}))
 
 
 async def expire_overdue_tasks(conn: psycopg.AsyncConnection[Any]) -> int:

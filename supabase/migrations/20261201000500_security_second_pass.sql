@@ -1,6 +1,7 @@
 -- Security, second pass: a signed-in caller without a user id gets nothing of the
--- service's, host names that cannot be resolved are refused where they enter, and
--- poll_config is bounded in bytes like every other JSON column users write.
+-- service's, and host names that cannot be resolved are refused where they enter
+-- (validate_task is re-created only for its message: its URL checks now name the
+-- host). poll_config's byte limit came with the bounded-input migration.
 --
 -- PostgREST accepts any JWT signed with the project's key, and custom or
 -- third-party auth can mint an `authenticated` one without `sub`: such a caller
@@ -121,10 +122,6 @@ begin
     perform taskman_private.reject('timeout_minutes', 'must be between 1 and 525600 (one year)');
   end if;
   if is_insert or t.poll_config is distinct from old.poll_config then
-    -- Checked before the expressions are read: the worker keeps compiled profiles.
-    if octet_length(t.poll_config::text) > 16384 then
-      perform taskman_private.reject('poll_config', 'must be at most 16 KiB of JSON');
-    end if;
     perform taskman_private.validate_poll_config(t.poll_config);
   end if;
   if (is_insert or t.poll_body is distinct from old.poll_body)

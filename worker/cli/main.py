@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from worker import migrate as migrations
+from worker.cli.notification_commands import add_notification_commands
 from worker.cli.task_commands import CommandError, add_task_commands
 from worker.config import Settings
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     add_task_commands(commands, _with_database)
+    add_notification_commands(commands, _with_database)
     return parser
 
 

@@ -34,7 +34,8 @@ class CommandError(Exception):
 
 
 @contextmanager
-def _database(conninfo: str) -> Iterator[psycopg.Connection[Any]]:
+def open_database(conninfo: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection for one command; database refusals become CommandErrors."""
     try:
         with db.connect(conninfo, autocommit=True) as conn:
             yield conn
@@ -70,7 +71,8 @@ def _task_id(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a task id (a UUID)") from None
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """`rows` as an aligned text table of `columns`, headed in capitals."""
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
@@ -113,7 +115,7 @@ def cmd_create(conninfo: str, args: argparse.Namespace) -> int:
         callback_url=args.callback_url, idempotency_key=args.idempotency_key,
         metadata=args.metadata,
     )
-    with _database(conninfo) as conn:
+    with open_database(conninfo) as conn:
         task = store.create_task(conn, fields)
     _show_task(task, args.json)
     return 0
@@ -135,7 +137,7 @@ def _progress_line(task: dict[str, Any]) -> str:
 
 def cmd_status(conninfo: str, args: argparse.Namespace) -> int:
     """Show a task; with ``--wait``, follow it with a progress bar until it ends."""
-    with _database(conninfo) as conn:
+    with open_database(conninfo) as conn:
         task = _get(conn, args.task_id)
         if args.wait:
             interactive = sys.stderr.isatty()
@@ -152,13 +154,13 @@ def cmd_status(conninfo: str, args: argparse.Namespace) -> int:
 
 def cmd_list(conninfo: str, args: argparse.Namespace) -> int:
     """List tasks, newest first, with optional status and type filters."""
-    with _database(conninfo) as conn:
+    with open_database(conninfo) as conn:
         tasks = store.list_tasks(conn, limit=args.limit, statuses=args.status,
                                  task_type=args.type)
     if args.json:
         print(json.dumps(tasks, indent=2, default=str))
     elif tasks:
-        print(_table(tasks, ["task_id", "status", "task_type", "progress", "created_at"]))
+        print(format_table(tasks, ["task_id", "status", "task_type", "progress", "created_at"]))
     else:
         print("no tasks")
     return 0
@@ -168,7 +170,7 @@ def _transition(
     change: Callable[[psycopg.Connection[Any], str], dict[str, Any]],
 ) -> Callable[[str, argparse.Namespace], int]:
     def run(conninfo: str, args: argparse.Namespace) -> int:
-        with _database(conninfo) as conn:
+        with open_database(conninfo) as conn:
             task = change(conn, args.task_id)
         _show_task(task, args.json)
         return 0

@@ -51,7 +51,10 @@ def report_from_profile(
         raise ApiError(
             422, "invalid_profile", f"The task's response profile is unusable: {exc}"
         ) from None
-    reading = read_response(reader, 200, headers, raw)
+    try:
+        reading = read_response(reader, 200, headers, raw)
+    except ProfileError as exc:  # the budget ran out: the same answer a poll would get
+        raise ApiError(422, "unreadable_callback", f"The body cannot be read: {exc}.") from None
     if reading.state == "unreadable":
         why = problem or f"with the task's profile {reader.name!r}, {reading.reason}"
         raise ApiError(

@@ -97,7 +97,11 @@ class CallbackSender:
         url = payload.get("callback_url")
         if not url:
             return Delivery("given_up", reason="no_callback_url")
-        body = callback_body(payload)
+        try:
+            body = callback_body(payload)
+        except (ValueError, TypeError, RecursionError) as exc:
+            return Delivery("failed", reason="unserializable_payload",
+                            error=f"the task's JSON could not be written out: {exc!r}"[:500])
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",

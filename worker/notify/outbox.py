@@ -13,6 +13,8 @@ task_events. Without Slack settings, alerts are given up at once with reason
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,18 +30,32 @@ from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.slack import SlackAlerter, alert_text
 
+log = logging.getLogger(__name__)
+
 MAX_LEASE_SECONDS = 3_600  # what claim_outbox accepts
 
 
 @dataclass(frozen=True)
 class OutboxRow:
-    """One claimed notification: ``payload`` is the task's public JSON when it ended."""
+    """One claimed notification: ``payload`` is the task's public JSON when it ended, or
+    None if it could not be read (``problem`` says why)."""
 
     outbox_id: int
     task_id: UUID
     channel: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None
     attempts: int
+    problem: str | None = None
+
+    @classmethod
+    def claimed(cls, outbox_id: int, task_id: UUID, channel: str, payload: str,
+                attempts: int) -> OutboxRow:
+        """A row as ``outbox_claim`` returns it, its payload (JSON text) parsed here."""
+        try:
+            return cls(outbox_id, task_id, channel, json.loads(payload), attempts)
+        except (ValueError, RecursionError) as exc:
+            problem = f"the task's JSON could not be read: {type(exc).__name__}: {exc}"
+            return cls(outbox_id, task_id, channel, None, attempts, problem[:500])
 
 
 @dataclass(frozen=True)
@@ -84,12 +100,15 @@ class OutboxDispatcher:
         rows = await self._claim(conn)
         if not rows:
             return DispatchSummary()
-        alerts = [r for r in rows if r.channel == "slack"]
-        callbacks = [r for r in rows if r.channel == "callback"]
+        unreadable = [r for r in rows if r.payload is None]
+        alerts = [r for r in rows if r.channel == "slack" and r.payload is not None]
+        callbacks = [r for r in rows if r.channel == "callback" and r.payload is not None]
         batches = await asyncio.gather(
             self._deliver_alerts(alerts), *(self._deliver_callback(r) for r in callbacks)
         )
         results = [result for batch in batches for result in batch]
+        results += [self._result(r, Delivery("failed", reason="unreadable_payload",
+                                             error=r.problem)) for r in unreadable]
         outcomes = await self._record(conn, results)
         return DispatchSummary(
             claimed=len(rows),
@@ -101,7 +120,7 @@ class OutboxDispatcher:
     async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[OutboxRow]:
         rows = await store.claim_outbox(conn, self.worker_id, self._settings.outbox_batch_size,
                                         self._lease_seconds)
-        return [OutboxRow(**row) for row in rows]
+        return [OutboxRow.claimed(**row) for row in rows]
 
     async def _record(
         self, conn: psycopg.AsyncConnection[Any], results: Sequence[dict[str, Any]]
@@ -120,14 +139,20 @@ class OutboxDispatcher:
         if self._slack is None:
             delivery = Delivery("given_up", reason="slack_not_configured")
         else:
-            text = alert_text([r.payload for r in rows])
-            delivery = await asyncio.to_thread(self._slack.send, text)
+            try:
+                text = alert_text([r.payload for r in rows])
+                delivery = await asyncio.to_thread(self._slack.send, text)
+            except Exception as exc:
+                delivery = _unexpected("alerts", rows, exc)
         digest_size = len(rows) if len(rows) > 1 else None
         return [self._result(r, delivery, digest_size) for r in rows]
 
     async def _deliver_callback(self, row: OutboxRow) -> list[dict[str, Any]]:
         async with self._limit:
-            delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+            try:
+                delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+            except Exception as exc:  # one row's surprise must not sink the batch's records
+                delivery = _unexpected("callback", [row], exc)
         return [self._result(row, delivery)]
 
     def _result(
@@ -145,3 +170,9 @@ class OutboxDispatcher:
             "digest_size": digest_size,
             "error": delivery.error,
         }
+
+
+def _unexpected(what: str, rows: Sequence[OutboxRow], exc: Exception) -> Delivery:
+    log.exception("delivering %s for outbox rows %s failed unexpectedly", what,
+                  [r.outbox_id for r in rows])
+    return Delivery("failed", reason="unexpected_error", error=f"{type(exc).__name__}: {exc}")

@@ -254,7 +254,7 @@ class Worker:
                 # A task that waited for its host past its lease may already be someone
                 # else's: leave it to them.
                 if time.monotonic() < lease_ends:
-                    outcome = await self._poller.poll(task)
+                    outcome = await self._poller.poll(task)  # never raises
                 else:
                     log.warning("task %s waited for its host past its lease; not polled",
                                 task.task_id, extra={"task_id": str(task.task_id)})
@@ -332,7 +332,7 @@ class Worker:
                 if len(batch) == 1:
                     log.warning("outcome of task %s refused (%s); recorded as unreadable",
                                 batch[0]["task_id"], exc)
-                    batch = [_unstorable(batch[0], exc, self.settings.retry_base_seconds)]
+                    batch = [_unstorable(batch[0], str(exc), self._unstorable_delay())]
                 else:
                     for outcome in batch:
                         await self._record([outcome])
@@ -344,9 +344,25 @@ class Worker:
 
     async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
+        results = "[" + ",".join(self._serialized(outcome) for outcome in batch) + "]"
         async with self._pool.connection() as conn:
-            await store.record_poll_results(conn, batch)
+            await store.record_poll_results(conn, results)
         self.metrics.record_latency.observe(time.perf_counter() - started)
+
+    def _serialized(self, outcome: dict[str, Any]) -> str:
+        """`outcome` as JSON; one that cannot be written out (a result nested too deeply,
+        say) becomes an unreadable answer, so that it fails only its own task."""
+        try:
+            return json.dumps(outcome)
+        except (ValueError, TypeError, RecursionError) as exc:
+            log.warning("outcome of task %s cannot be written out (%r); recorded as unreadable",
+                        outcome.get("task_id"), exc)
+            reduced = _unstorable(outcome, f"{type(exc).__name__}: {exc}"[:500],
+                                  self._unstorable_delay())
+            return json.dumps(reduced, default=str)
+
+    def _unstorable_delay(self) -> float:
+        return max(self.settings.min_poll_interval_seconds, self.settings.retry_base_seconds)
 
     async def _release_leases(self) -> None:
         try:
@@ -400,8 +416,9 @@ def _db_retry_delay(failures: int) -> float:
         failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
 
 
-def _unstorable(outcome: PollOutcome, exc: psycopg.Error, delay: float) -> PollOutcome:
-    """`outcome` reduced to an unreadable answer: what the database refused is dropped."""
+def _unstorable(outcome: PollOutcome, why: str, delay: float) -> PollOutcome:
+    """`outcome` reduced to an unreadable answer: what could not be stored is dropped."""
     kept = {k: outcome.get(k) for k in ("task_id", "worker_id", "http_status", "latency_ms")}
     return kept | {"ok": False, "error_code": "invalid_response", "delay_seconds": delay,
-                   "raw_error": f"the answer could not be stored: {exc}"}
+                   "reason": "unstorable_answer",
+                   "raw_error": f"the answer could not be stored: {why}"}

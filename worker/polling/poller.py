@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Literal
 
 import httpx
 
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome
 from worker.remote import backoff
+from worker.remote.bodies import ACCEPT_ENCODING, ResponseTooLarge, UndecodableBody, read_capped
+from worker.remote.headers import headers_problem
 from worker.remote.netguard import BlockedURL, GuardedTransport, NetworkPolicy
-from worker.remote.profiles import ProfileError, ResponseProfile, read_response
+from worker.remote.profiles import ProfileError, ReadingTooCostly, ResponseProfile, read_response
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 # What record_poll_results keeps of a raw body; sending more would only be cut there.
@@ -26,8 +30,8 @@ MAX_RAW_RESPONSE = 65_536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class ResponseTooLarge(Exception):
-    """The answer was larger than ``max_response_bytes``; it was not read to the end."""
+class RequestNotSendable(Exception):
+    """The task's request cannot be built or sent as stored (e.g. a header HTTP cannot carry)."""
 
 
 # httpcore's connection pool scans all its connections on every request and response, so
@@ -55,7 +59,8 @@ def make_clients(settings: Settings) -> list[httpx.AsyncClient]:
             trust_env=False,  # environment proxies would bypass the guarded transport
             follow_redirects=False,
             timeout=settings.poll_timeout_seconds,
-            headers={"User-Agent": "taskman", "Accept": "application/json"},
+            headers={"User-Agent": "taskman", "Accept": "application/json",
+                     "Accept-Encoding": ACCEPT_ENCODING},
         )
         for _ in range(client_count(settings.concurrency))
     ]
@@ -82,47 +87,72 @@ class Poller:
         self.rand = rand
 
     async def poll(self, task: ClaimedTask) -> PollOutcome:
-        """Poll `task` once; never raises for anything the remote or the network does."""
+        """Poll `task` once. Never raises: whatever the remote, the network or the task's own
+        data does, the result is an outcome for this task alone."""
         outcome: PollOutcome = {"task_id": str(task.task_id), "worker_id": self.worker_id}
+        try:
+            return outcome | await self._poll(task)
+        except Exception as exc:
+            log.exception("polling task %s failed unexpectedly", task.task_id,
+                          extra={"task_id": str(task.task_id)})
+            message = f"Taskman could not complete the poll (unexpected {type(exc).__name__})."
+            return outcome | _failed("poll_error", "unexpected_error", message,
+                                     raw_error=repr(exc)[:1000])
+
+    async def _poll(self, task: ClaimedTask) -> PollOutcome:
         try:
             profile = compiled_profile(task.profile)
         except ProfileError as exc:
-            return outcome | _failed("invalid_response", f"poll_config is not usable: {exc}")
+            return _failed("invalid_response", "invalid_profile",
+                           f"poll_config is not usable: {exc}")
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.poll_timeout_seconds):
                 response, body = await self._fetch(task)
         except BlockedURL as exc:
-            return outcome | _failed("poll_error", str(exc))
+            return _failed("poll_error", "blocked_by_network_policy", str(exc))
         except httpx.InvalidURL as exc:
-            return outcome | _failed("poll_error", f"the URL is not valid: {exc}")
+            return _failed("poll_error", "invalid_url", f"the URL is not valid: {exc}")
         except httpx.TooManyRedirects:
-            return outcome | _failed(
-                "poll_error", f"the status URL redirected more than {MAX_REDIRECTS} times"
-            )
+            return _failed("poll_error", "redirect_loop",
+                           f"the status URL redirected more than {MAX_REDIRECTS} times")
+        except (RequestNotSendable, httpx.LocalProtocolError) as exc:
+            # What Taskman would send is not valid HTTP: sending it again will not help.
+            return _failed("poll_error", "invalid_request",
+                           f"the request could not be sent: {exc}")
         except ResponseTooLarge:
-            reason = f"the answer exceeded {self.settings.max_response_bytes} bytes"
-            return outcome | self._retry(task, reason, unreadable=True)
-        except (httpx.RequestError, TimeoutError) as exc:
-            reason = str(exc) or "no answer within the poll timeout"
-            return outcome | self._retry(task, f"{type(exc).__name__}: {reason}")
-        outcome["latency_ms"] = (time.perf_counter() - started) * 1000
-        return outcome | self._interpret(task, profile, response, body)
+            raw = f"the answer exceeded {self.settings.max_response_bytes} bytes"
+            return self._retry(task, "response_too_large", raw, unreadable=True)
+        except UndecodableBody as exc:
+            return self._retry(task, "undecodable_body", str(exc), unreadable=True)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raw = str(exc) or "no answer within the poll timeout"
+            return self._retry(task, "timeout", f"{type(exc).__name__}: {raw}")
+        except httpx.RequestError as exc:
+            return self._retry(task, "connection_error", f"{type(exc).__name__}: {exc}")
+        latency = {"latency_ms": (time.perf_counter() - started) * 1000}
+        return latency | self._interpret(task, profile, response, body)
 
     async def _fetch(self, task: ClaimedTask) -> tuple[httpx.Response, bytes]:
         """Send the task's request and follow redirects, reading at most max_response_bytes."""
         client = next(self._clients)
         method, url = task.poll_method, httpx.URL(task.poll_url)
         headers, body = task.poll_headers, task.poll_body
+        if headers and (problem := headers_problem(headers)):
+            raise RequestNotSendable(problem)
         for _ in range(MAX_REDIRECTS + 1):
             sent = headers
             if body is not None and not any(k.lower() == "content-type" for k in headers):
                 sent = {**headers, "Content-Type": "application/json"}
-            request = client.build_request(method, url, headers=sent, content=body)
+            try:
+                request = client.build_request(method, url, headers=sent, content=body)
+            except (ValueError, TypeError) as exc:  # e.g. a value httpx cannot encode
+                raise RequestNotSendable(str(exc)) from None
             response = await client.send(request, stream=True)
             try:
                 if not response.is_redirect:
-                    return response, await self._read_capped(response)
+                    return response, await read_capped(
+                        response, self.settings.max_response_bytes)
             finally:
                 await response.aclose()
             target = url.join(response.headers["location"])
@@ -135,19 +165,6 @@ class Poller:
             url = target
         raise httpx.TooManyRedirects("too many redirects", request=request)
 
-    async def _read_capped(self, response: httpx.Response) -> bytes:
-        limit = self.settings.max_response_bytes
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ResponseTooLarge
-        chunks, size = [], 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                raise ResponseTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def _interpret(
         self, task: ClaimedTask, profile: ResponseProfile, response: httpx.Response, body: bytes
     ) -> PollOutcome:
@@ -156,14 +173,20 @@ class Poller:
         seen = {"http_status": code, "raw_response": raw}
         if backoff.is_transient_status(code):
             wait = _retry_after(response) if code in (429, 503) else None
-            return seen | self._retry(task, f"HTTP {code}", wait=wait)
+            return seen | self._retry(task, "http_status", f"HTTP {code}", wait=wait)
         if 400 <= code < 500:
             message = f"The status endpoint refused the request (HTTP {code})."
-            return seen | _failed("poll_error", message, raw_error=f"HTTP {code}")
-        reading = read_response(profile, code, response.headers, body)
+            return seen | _failed("poll_error", "http_status", message, raw_error=f"HTTP {code}")
+        try:
+            reading = read_response(profile, code, response.headers, body,
+                                    self.settings.expression_budget)
+        except ReadingTooCostly as exc:
+            message = (f"The answer could not be read within Taskman's evaluation budget: "
+                       f"{exc}. Simplify the response profile's expressions.")
+            return seen | _failed("invalid_response", "evaluation_budget", message)
         progress = {"progress": reading.progress, "progress_message": reading.progress_message}
         if reading.state == "unreadable":
-            return seen | self._retry(task, reading.reason, unreadable=True)
+            return seen | self._retry(task, "unreadable_answer", reading.reason, unreadable=True)
         if reading.state == "completed":
             return seen | {"ok": True, "status": "completed", "result": reading.result}
         if reading.state == "failed":
@@ -171,6 +194,7 @@ class Poller:
             # writes its neutral sentence, and the remote's own text stays raw_error.
             return seen | progress | {"ok": True, "status": "failed", "error_code": "remote_failed",
                                       "raw_error": reading.error_detail}
+        # The remote's hint (Retry-After on a 202) may shorten the wait, down to the floor.
         wait = _retry_after(response) if code == 202 else None
         if reading.state == "running":
             if wait is None:
@@ -179,26 +203,33 @@ class Poller:
                     task.attempt_count + 1,
                     self.settings.max_poll_interval_seconds,
                 )
-            return seen | progress | {"ok": True, "status": "in_progress", "delay_seconds": wait}
+            return seen | progress | {"ok": True, "status": "in_progress",
+                                      "delay_seconds": self._floored(wait)}
         delay = task.poll_interval_seconds if wait is None else wait
-        return seen | progress | {"ok": True, "delay_seconds": delay}
+        return seen | progress | {"ok": True, "delay_seconds": self._floored(delay)}
 
     def _retry(
-        self, task: ClaimedTask, reason: str | None, *, wait: float | None = None,
-        unreadable: bool = False,
+        self, task: ClaimedTask, reason: str, raw_error: str | None, *,
+        wait: float | None = None, unreadable: bool = False,
     ) -> PollOutcome:
-        """A transient failure: counts toward max_attempts, polled again after a backoff."""
+        """A transient failure: counts toward max_attempts, polled again after a backoff
+        (or the remote's Retry-After), never sooner than the floor."""
         if wait is None:
             wait = backoff.retry_delay(
                 task.error_count + 1,
                 self.settings.retry_base_seconds,
                 self.settings.retry_max_seconds,
                 self.rand(),
+                floor=self.settings.min_poll_interval_seconds,
             )
-        outcome = {"ok": False, "delay_seconds": wait, "raw_error": reason}
+        outcome = {"ok": False, "delay_seconds": self._floored(wait), "reason": reason,
+                   "raw_error": raw_error}
         if unreadable:
             outcome["error_code"] = "invalid_response"
         return outcome
+
+    def _floored(self, seconds: float) -> float:
+        return max(self.settings.min_poll_interval_seconds, seconds)
 
 
 @lru_cache(maxsize=512)
@@ -207,11 +238,13 @@ def compiled_profile(profile_json: str) -> ResponseProfile:
     return ResponseProfile.from_dict(json.loads(profile_json))
 
 
-def _failed(code: Literal["poll_error", "invalid_response"], message: str | None,
-            raw_error: str | None = None) -> PollOutcome:
-    """A final failure: the task ends with `code`; `message` is shown to its owner."""
-    return {"ok": False, "status": "failed", "error_code": code, "error_message": message,
-            "raw_error": raw_error or message}
+def _failed(
+    code: str, reason: str, message: str, raw_error: str | None = None
+) -> PollOutcome:
+    """A final failure: the task ends with `code`; `message` is shown to its owner and
+    `reason` (a short code) in its events."""
+    return {"ok": False, "status": "failed", "error_code": code, "reason": reason,
+            "error_message": message, "raw_error": raw_error or message}
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -20,16 +20,20 @@ RUNNING_GROWTH = 1.5
 _MAX_EXPONENT = 100
 
 
-def retry_delay(error_count: int, base: float, cap: float, rand: float) -> float:
+def retry_delay(
+    error_count: int, base: float, cap: float, rand: float, *, floor: float = 0.0
+) -> float:
     """Seconds to wait after the `error_count`-th consecutive failed poll (1 or more).
 
-    Exponential backoff with full jitter: `rand * min(cap, base * 2**(error_count - 1))`,
-    where `rand` is uniform in [0, 1).
+    Exponential backoff with full jitter, above a floor: uniform between `floor` and
+    `min(cap, base * 2**(error_count - 1))` for `rand` uniform in [0, 1); never below
+    `floor` (``rand * window`` when the floor is 0).
     """
     if error_count < 1:
         raise ValueError(f"error_count must be at least 1, not {error_count}")
     exponent = min(error_count - 1, _MAX_EXPONENT)
-    return rand * min(cap, base * 2.0**exponent)
+    window = min(cap, base * 2.0**exponent)
+    return floor + rand * max(0.0, window - floor)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:

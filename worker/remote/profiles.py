@@ -13,6 +13,9 @@ import jmespath
 from jmespath.exceptions import JMESPathError
 from jmespath.parser import ParsedResult
 
+from worker.remote.evaluation import DEFAULT_BUDGET, BudgetedInterpreter, BudgetExceeded
+from worker.remote.expression_limits import static_problem
+
 PollState = Literal["pending", "running", "completed", "failed", "unreadable"]
 
 MAX_PROGRESS_MESSAGE = 1000
@@ -30,6 +33,10 @@ _NOT_JSON = object()
 
 class ProfileError(ValueError):
     """A response profile that cannot be used, e.g. an invalid JMESPath expression."""
+
+
+class ReadingTooCostly(ProfileError):
+    """Reading one answer with the profile's expressions went past the evaluation budget."""
 
 
 @dataclass(frozen=True)
@@ -102,22 +109,31 @@ class PollReading:
 
 
 def read_response(
-    profile: ResponseProfile, status_code: int, headers: Mapping[str, str], body: bytes
+    profile: ResponseProfile,
+    status_code: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    budget: int = DEFAULT_BUDGET,
 ) -> PollReading:
     """Read one poll answer through `profile`.
 
     In body mode only the JSON body counts; the caller has already dealt with HTTP errors.
     In http mode only the status code decides: 202 running, 200 completed; the caller
     follows a 303 and passes the final answer, so any other code is unreadable.
+    All the expressions share one evaluation `budget` (steps); past it, or on an answer
+    nested too deeply to evaluate, raises ReadingTooCostly naming the expression.
     """
     data = _parse_json(body)
+    reader = _Reader(profile, BudgetedInterpreter(budget))
     if profile.status_source == "http":
-        return _read_http_answer(profile, status_code, headers, body, data)
+        return _read_http_answer(reader, status_code, headers, body, data)
     if data is _NOT_JSON:
         return PollReading("unreadable", reason="body is not JSON")
-    status = _search(profile.status_path, data)
+    status = reader.search("status_path", data)
     if status is None:
         return PollReading("unreadable", reason="status_path matched nothing")
+    if isinstance(status, list | dict):
+        return PollReading("unreadable", reason="status_path matched a list or object, not a value")
     state = profile.state_of(status)
     if state is None:
         value = str(status)[:100]
@@ -125,26 +141,54 @@ def read_response(
             "unreadable", reason=f"status value {value!r} is in none of the profile's lists"
         )
     if state == "completed":
-        return _reading(profile, state, data, result=_search(profile.result_path, data))
+        return _reading(reader, state, data, result=reader.search("result_path", data))
     if state == "failed":
-        return _reading(profile, state, data, error_detail=_error_detail(profile, data))
-    return _reading(profile, state, data)
+        return _reading(reader, state, data, error_detail=_error_detail(reader, data))
+    return _reading(reader, state, data)
+
+
+class _Reader:
+    """A profile's expressions applied to one answer, sharing one budgeted interpreter."""
+
+    def __init__(self, profile: ResponseProfile, interpreter: BudgetedInterpreter) -> None:
+        self.profile = profile
+        self.interpreter = interpreter
+
+    def search(self, field: str, data: Any) -> Any:
+        """Apply the profile's `field` expression; a missing expression, or one whose
+        functions reject the data, yields None.
+
+        JMESPath already yields null for most shape mismatches; treating its type errors
+        the same way keeps one rule for "the answer does not have this".
+        """
+        path: ParsedResult | None = getattr(self.profile, field)
+        if path is None:
+            return None
+        try:
+            return self.interpreter.search(path, data)
+        except JMESPathError:
+            return None
+        except BudgetExceeded as exc:
+            raise ReadingTooCostly(f"{field} could not be evaluated on the answer: {exc}") \
+                from None
 
 
 def _read_http_answer(
-    profile: ResponseProfile,
+    reader: _Reader,
     status_code: int,
     headers: Mapping[str, str],
     body: bytes,
     data: Any,
 ) -> PollReading:
     if status_code == 202:
-        return _reading(profile, "running", data)
+        return _reading(reader, "running", data)
     if status_code == 200:
         if data is not _NOT_JSON:
-            return _reading(profile, "completed", data, result=_search(profile.result_path, data))
+            return _reading(reader, "completed", data, result=reader.search("result_path", data))
         # httpx decodes with the charset the headers name, else UTF-8 with replacement.
-        text = httpx.Response(status_code, headers=headers, content=body).text
+        # Only Content-Type: the body is already decompressed.
+        content_type = {"content-type": headers.get("content-type", "")}
+        text = httpx.Response(status_code, headers=content_type, content=body).text
         return PollReading("completed", result=text or None)
     if 300 <= status_code < 400:
         return PollReading("unreadable", reason=f"HTTP {status_code} redirect was not followed")
@@ -154,7 +198,7 @@ def _read_http_answer(
 
 
 def _reading(
-    profile: ResponseProfile,
+    reader: _Reader,
     state: PollState,
     data: Any,
     *,
@@ -164,11 +208,11 @@ def _reading(
     """A readable reading, with progress taken from `data` when it is JSON."""
     if data is _NOT_JSON:
         return PollReading(state, result=result, error_detail=error_detail)
-    message = _search(profile.progress_message_path, data)
+    message = reader.search("progress_message_path", data)
     return PollReading(
         state,
         result=result,
-        progress=_progress(_search(profile.progress_path, data)),
+        progress=_progress(reader.search("progress_path", data)),
         progress_message=message[:MAX_PROGRESS_MESSAGE] if isinstance(message, str) else None,
         error_detail=error_detail,
     )
@@ -187,26 +231,16 @@ def _progress(value: Any) -> int | None:
     return round(min(100.0, max(0.0, number)))
 
 
-def _error_detail(profile: ResponseProfile, data: Any) -> str | None:
-    error = _search(profile.error_path, data)
+def _error_detail(reader: _Reader, data: Any) -> str | None:
+    error = reader.search("error_path", data)
     if error is None:
         return None
-    text = error if isinstance(error, str) else json.dumps(error)
-    return text[:MAX_ERROR_DETAIL]
-
-
-def _search(path: ParsedResult | None, data: Any) -> Any:
-    """Apply `path`; a missing path, or one whose functions reject the data, yields None.
-
-    JMESPath already yields null for most shape mismatches; treating its type errors the
-    same way keeps one rule for "the answer does not have this".
-    """
-    if path is None:
-        return None
+    if isinstance(error, str):
+        return error[:MAX_ERROR_DETAIL]
     try:
-        return path.search(data)
-    except JMESPathError:
-        return None
+        return json.dumps(error)[:MAX_ERROR_DETAIL]
+    except (ValueError, RecursionError):
+        return "(the error detail could not be written out)"
 
 
 def _parse_json(body: bytes) -> Any:
@@ -219,10 +253,15 @@ def _parse_json(body: bytes) -> Any:
 def _compile(field: str, expression: str | None) -> ParsedResult | None:
     if expression is None:
         return None
+    problem = static_problem(expression)
+    if problem is not None:
+        raise ProfileError(f"{field} {problem}")
     try:
         return jmespath.compile(expression)
     except JMESPathError as exc:
         raise ProfileError(f"{field} is not a valid JMESPath expression: {exc}") from None
+    except RecursionError:
+        raise ProfileError(f"{field} nests too deeply to compile") from None
 
 
 def _casefolded(values: list[str] | None) -> frozenset[str]:
