@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,12 +12,15 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker import db
 from worker.config import Settings
 from worker.edge import dashboard, routes
 from worker.edge.auth import Authenticator
 from worker.edge.errors import error_body, install_error_handlers
 from worker.edge.metrics import EdgeMetrics, MetricsMiddleware
 from worker.edge.sse import TaskEventHub
+
+log = logging.getLogger(__name__)
 
 POOL_TIMEOUT_SECONDS = 10.0
 
@@ -28,17 +32,29 @@ def create_app(
 
     The connection pool and the shared LISTEN connection open when the app starts
     and close when it stops; a database that is down at start makes ``/healthz``
-    answer 503 until it is back, rather than preventing the start.
+    answer 503 until it is back, rather than preventing the start. Behind a
+    transaction pooler (``TASKMAN_DATABASE_POOL_MODE``) nothing is prepared, and
+    ``/events`` listens on ``TASKMAN_LISTEN_DATABASE_URL`` or else polls for changes.
     """
+    connections = db.Connections.resolve(
+        conninfo, settings.database_pool_mode, settings.listen_database_url)
     pool = ConnectionPool(
         conninfo,
         min_size=1,
         max_size=settings.edge_pool_size,
         timeout=POOL_TIMEOUT_SECONDS,
-        kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "taskman-edge"},
+        kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "taskman-edge",
+                **connections.connection_kwargs},
         open=False,
     )
-    hub = TaskEventHub(conninfo)
+    hub = TaskEventHub(connections.listen_conninfo, conninfo=conninfo,
+                       connection_kwargs=connections.connection_kwargs,
+                       poll_interval=settings.change_check_interval)
+    if hub.polling:  # a warning, so that it shows with uvicorn's default logging
+        log.warning("DATABASE_URL is a transaction pooler, where LISTEN does not work: /events "
+                 "checks for task changes every %.2gs. For changes within milliseconds, set "
+                 "TASKMAN_LISTEN_DATABASE_URL to a direct or session pooler URL.",
+                 settings.change_check_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
