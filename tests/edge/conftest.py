@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,13 +73,22 @@ def edge_database_url(server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def edge(edge_database_url: str) -> Iterator[Edge]:
+    with serve_edge(edge_database_url) as running:
+        yield running
+
+
+@contextmanager
+def serve_edge(database_url: str, **env: Any) -> Iterator[Edge]:
+    """The edge for ``database_url`` served by uvicorn in a thread until the block ends;
+    ``env`` adds settings (by their environment names)."""
     settings = Settings(
         _env_file=None,
         TASKMAN_API_KEYS=f"other-key,{API_KEY}",
         SUPABASE_JWT_SECRET=JWT_SECRET,
         TASKMAN_EDGE_MAX_BODY_BYTES=65_536,
+        **env,
     )
-    app = create_app(settings, edge_database_url, keepalive_seconds=0.5)
+    app = create_app(settings, database_url, keepalive_seconds=0.5)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
@@ -90,7 +100,7 @@ def edge(edge_database_url: str) -> Iterator[Edge]:
         assert thread.is_alive() and time.monotonic() < deadline, "the edge did not start"
         time.sleep(0.02)
     try:
-        yield Edge(f"http://127.0.0.1:{sock.getsockname()[1]}", edge_database_url)
+        yield Edge(f"http://127.0.0.1:{sock.getsockname()[1]}", database_url)
     finally:
         server.should_exit = True
         thread.join(10)
