@@ -60,6 +60,7 @@ class PgBouncer:
         *,
         users: Sequence[str] = ("postgres", "authenticator"),
         pool_size: int = 20,
+        port: int | None = None,
         binary: Path | None = None,
     ) -> None:
         if pool_mode not in ("session", "transaction"):
@@ -71,7 +72,7 @@ class PgBouncer:
                 "TASKMAN_PGBOUNCER does not name it")
         server = conninfo_to_dict(server_url)
         self.pool_mode = pool_mode
-        self.port = free_port()
+        self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix=f"taskman-pgbouncer-{pool_mode}-"))
         self.user = unprivileged_user()  # PgBouncer refuses to run as root
         self.process: subprocess.Popen[bytes] | None = None
