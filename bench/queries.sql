@@ -12,6 +12,10 @@ select %(base_url)s || '/status/' || i from generate_series(1, %(count)s) as i
 -- name: create_task
 insert into taskman.tasks (poll_url) values (%(poll_url)s) returning task_id
 
+-- name: delete_tasks
+-- Between measurements: start from an empty table (history goes with the tasks).
+delete from taskman.tasks
+
 -- name: count_completed
 select count(*) from taskman.tasks where status = 'completed'
 

@@ -13,7 +13,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.poolers import ARRANGEMENTS, Arrangement, arrangement
 from worker import db
+from worker.devtools.pgbouncer import PgBouncer, find_pgbouncer
 from worker.devtools.pgcluster import Cluster, default_bin_dir
 from worker.migrate import migrate
 
@@ -81,6 +83,38 @@ def module_conn(module_database_url: str) -> Iterator[psycopg.Connection]:
     """A superuser connection to module_database_url."""
     with psycopg.connect(module_database_url, autocommit=True, row_factory=dict_row) as c:
         yield c
+
+
+def require_pgbouncer() -> None:
+    """Skip without PgBouncer, except in CI (CI set, as .ci/run sets it), where every test
+    must run."""
+    if find_pgbouncer() is None:
+        message = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI runs every test", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def poolers(server_url: str) -> Iterator[dict[str, PgBouncer]]:
+    """PgBouncer in front of the test server in transaction and in session mode: the
+    stand-ins for Supabase's transaction pooler (port 6543) and session pooler."""
+    require_pgbouncer()
+    started: list[PgBouncer] = []
+    try:
+        for mode in ("transaction", "session"):
+            started.append(PgBouncer(server_url, mode).start())
+        yield {pooler.pool_mode: pooler for pooler in started}
+    finally:
+        for pooler in started:
+            pooler.stop()
+
+
+@pytest.fixture(params=ARRANGEMENTS)
+def pooled(request: pytest.FixtureRequest, poolers: dict[str, PgBouncer],
+           database_url: str) -> Arrangement:
+    """A fresh test database as reached through each pooler arrangement in turn."""
+    return arrangement(request.param, poolers, database_url)
 
 
 @pytest.fixture

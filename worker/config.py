@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -133,3 +133,21 @@ class Settings(BaseSettings):
         if self.min_poll_interval_seconds > self.max_poll_interval_seconds:
             raise ValueError("TASKMAN_MIN_POLL_INTERVAL must not exceed TASKMAN_MAX_POLL_INTERVAL")
         return self
+
+    # Connections: what DATABASE_URL keeps between transactions, and where LISTEN works.
+    # auto: Supabase's transaction pooler (port 6543) is "transaction", anything else
+    # "session". Behind a transaction pooler nothing is prepared and nothing is left on
+    # the session; without a listen URL there, the worker and /events check for changes
+    # every change_check_interval seconds instead of waiting for NOTIFY.
+    database_pool_mode: Literal["auto", "session", "transaction"] = Field(
+        default="auto", alias="TASKMAN_DATABASE_POOL_MODE"
+    )
+    listen_database_url: str | None = Field(default=None, alias="TASKMAN_LISTEN_DATABASE_URL")
+    change_check_interval: float = Field(
+        default=0.5, ge=0.05, le=5.0, alias="TASKMAN_CHANGE_CHECK_INTERVAL"
+    )
+
+    @field_validator("database_pool_mode", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
 API_ROLES = ("anon", "authenticated", "service_role")
+
+PoolMode = Literal["session", "transaction"]
+# Supabase's transaction pooler (Supavisor, hosted and self-hosted) listens on this port;
+# its session pooler and the direct connection on 5432.
+TRANSACTION_POOLER_PORT = 6543
 
 
 def parse_named_queries(text: str) -> dict[str, str]:
@@ -31,9 +39,84 @@ def queries() -> dict[str, str]:
 
 
 def connect(conninfo: str, **kwargs: Any) -> psycopg.Connection:
-    """Open a connection; ``application_name`` defaults to ``taskman``."""
+    """Open a short-lived connection (the CLI, migrations); ``application_name`` defaults
+    to ``taskman``.
+
+    It prepares no statements: a few statements gain nothing from them, and without
+    them the connection works behind any pooler, transaction poolers included.
+    """
     kwargs.setdefault("application_name", "taskman")
+    kwargs.setdefault("prepare_threshold", None)
     return psycopg.connect(conninfo, **kwargs)
+
+
+class ConfigurationError(ValueError):
+    """A setting that cannot work; the message names it and says what to use instead."""
+
+
+def detect_pool_mode(conninfo: str, setting: str = "DATABASE_URL") -> PoolMode:
+    """``transaction`` when ``conninfo`` is a transaction pooler, as far as its URL tells.
+
+    That is Supabase's: port 6543 (``<region>.pooler.supabase.com:6543``, or a
+    self-hosted Supavisor). Anything else (a direct connection, the session pooler on
+    5432, a local server) keeps a session. ``setting`` names the URL in errors.
+    """
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(
+            f"{setting} is not a PostgreSQL URL or connection string: {exc}") from None
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    return ("transaction" if any(p.strip() == str(TRANSACTION_POOLER_PORT) for p in ports)
+            else "session")
+
+
+@dataclass(frozen=True)
+class Connections:
+    """How a long-running part (the worker, the edge) reaches the database.
+
+    ``pool_mode`` is what a connection to ``conninfo`` keeps between transactions:
+    ``session`` (a direct connection, a session pooler) or ``transaction`` (a
+    transaction pooler: no prepared statements, no session state, no LISTEN).
+    ``listen_conninfo`` is where LISTEN works, or None when changes must be polled.
+    """
+
+    conninfo: str
+    pool_mode: PoolMode
+    listen_conninfo: str | None
+
+    @classmethod
+    def resolve(cls, conninfo: str, pool_mode: str = "auto",
+                listen_conninfo: str | None = None) -> Connections:
+        """From ``DATABASE_URL``, ``TASKMAN_DATABASE_POOL_MODE`` (``auto`` detects it from
+        the URL) and ``TASKMAN_LISTEN_DATABASE_URL``."""
+        mode: PoolMode
+        if pool_mode == "auto":
+            mode = detect_pool_mode(conninfo)
+        elif pool_mode == "session":
+            mode = "session"
+        elif pool_mode == "transaction":
+            mode = "transaction"
+        else:
+            raise ConfigurationError(
+                f"TASKMAN_DATABASE_POOL_MODE must be auto, session or transaction, "
+                f"not {pool_mode!r}")
+        if listen_conninfo and detect_pool_mode(
+                listen_conninfo, "TASKMAN_LISTEN_DATABASE_URL") == "transaction":
+            raise ConfigurationError(
+                "TASKMAN_LISTEN_DATABASE_URL must keep a session, for LISTEN: give the "
+                "direct connection (db.<project>.supabase.co:5432) or the session pooler "
+                f"(port 5432), not the transaction pooler (port {TRANSACTION_POOLER_PORT})")
+        listen = listen_conninfo or (conninfo if mode == "session" else None)
+        return cls(conninfo, mode, listen)
+
+    @property
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Options for long-lived connections to ``conninfo``: behind a transaction pooler,
+        no prepared statements (the next transaction may run on another server
+        connection, where they do not exist); elsewhere psycopg's default (prepare a
+        statement from its fifth use)."""
+        return {"prepare_threshold": None} if self.pool_mode == "transaction" else {}
 
 
 def json_arg(value: Any) -> Jsonb | None:

@@ -59,27 +59,26 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 
     On a database that is not Supabase, ``sql/supabase_compat.sql`` runs first.
     Each migration runs in its own transaction together with its bookkeeping
-    row, so a failing one leaves nothing half-applied. Concurrent callers wait
-    for each other on an advisory lock.
+    row, so a failing one leaves nothing half-applied. Every transaction first
+    takes a transaction-scoped advisory lock and reads what is applied under it:
+    concurrent callers wait for each other, each migration applies once, in order,
+    and nothing needs a session, so this works through a transaction pooler too.
     """
     applied_now = []
     with db.connect(conninfo, autocommit=True) as conn:
-        store.lock_migrations(conn)
-        try:
-            if not store.is_supabase(conn):
-                with conn.transaction():
-                    conn.execute(COMPAT_SQL.read_text(encoding="utf-8"))
+        supabase = store.is_supabase(conn)
+        with conn.transaction():
+            store.lock_migrations(conn)
+            if not supabase:
+                conn.execute(COMPAT_SQL.read_text(encoding="utf-8"))
+            store.create_migrations_table(conn)
+        for migration in list_migrations(directory):
             with conn.transaction():
-                store.create_migrations_table(conn)
-            done = store.applied_migrations(conn)
-            for migration in list_migrations(directory):
-                if migration.version in done:
+                store.lock_migrations(conn)
+                if migration.version in store.applied_migrations(conn):
                     continue
                 script = migration.path.read_text(encoding="utf-8")
-                with conn.transaction():
-                    conn.execute(script)
-                    store.record_migration(conn, migration.version, migration.name, script)
-                applied_now.append(migration)
-        finally:
-            store.unlock_migrations(conn)
+                conn.execute(script)
+                store.record_migration(conn, migration.version, migration.name, script)
+            applied_now.append(migration)
     return applied_now

@@ -6,10 +6,10 @@
 select exists (select 1 from pg_roles where rolname = 'supabase_admin')
 
 -- name: lock_migrations
-select pg_advisory_lock(hashtext('taskman.migrate'))
-
--- name: unlock_migrations
-select pg_advisory_unlock(hashtext('taskman.migrate'))
+-- Transaction-scoped, so it works through a transaction pooler too (a session lock
+-- would stay on whichever server connection the pooler picked). Same key as the
+-- session lock older versions took, so they wait for each other as well.
+select pg_advisory_xact_lock(hashtext('taskman.migrate'))
 
 -- name: create_migrations_table
 create schema if not exists supabase_migrations;
@@ -126,6 +126,27 @@ select 1
 
 -- name: listen
 listen taskman
+
+-- Task changes without LISTEN (the edge's /events behind a transaction pooler): the
+-- same changes NOTIFY announces, read back from task_events by id.
+
+-- name: latest_task_event_id
+select coalesce(max(e.event_id), 0) as event_id from taskman.task_events e
+
+-- name: task_changes
+-- Events above `after`, and those of `missing` (ids above an older `after` that were
+-- not committed yet when last read), oldest first. Every event comes back, so that
+-- gaps in the ids are real; `change` marks those NOTIFY announces (an insert, a
+-- status change), with NOTIFY's payload fields.
+select e.event_id, e.task_id, e.to_status as status, e.user_id,
+       e.event_type in ('created', 'status_changed', 'cancelled', 'retried') as change
+from (
+  select * from taskman.task_events m where m.event_id = any(%(missing)s::bigint[])
+  union all
+  (select * from taskman.task_events n where n.event_id > %(after)s::bigint
+   order by n.event_id limit %(limit)s::integer)
+) e
+order by e.event_id
 
 -- The outbox (worker.notify): claim due deliveries, record what happened.
 

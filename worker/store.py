@@ -54,12 +54,9 @@ def is_supabase(conn: psycopg.Connection[Any]) -> bool:
 
 
 def lock_migrations(conn: psycopg.Connection[Any]) -> None:
-    """Wait for, then hold, the session lock that serialises ``taskman migrate`` runs."""
+    """Wait for, then hold until the transaction ends, the lock that serialises
+    ``taskman migrate`` runs."""
     _scalar(conn, "lock_migrations")
-
-
-def unlock_migrations(conn: psycopg.Connection[Any]) -> None:
-    _scalar(conn, "unlock_migrations")
 
 
 def create_migrations_table(conn: psycopg.Connection[Any]) -> None:
@@ -206,6 +203,22 @@ def live_demo_tasks(conn: psycopg.Connection[Any]) -> bool:
 async def listen(conn: psycopg.AsyncConnection[Any]) -> None:
     """Subscribe ``conn`` to the ``taskman`` channel (new tasks and status changes)."""
     await conn.execute(_q("listen"))
+
+
+async def latest_task_event_id(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The id of the newest task event (0 when there is none)."""
+    return int(await _ascalar(conn, "latest_task_event_id"))
+
+
+async def task_changes(conn: psycopg.AsyncConnection[Any], *, after: int,
+                       missing: Sequence[int], limit: int) -> list[Row]:
+    """Task events with ids above ``after`` (at most ``limit``) or in ``missing``, oldest
+    first: ``event_id``, ``task_id``, ``status``, ``user_id`` and ``change`` (whether
+    NOTIFY announced it)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_q("task_changes"),
+                          {"after": after, "missing": list(missing), "limit": limit})
+        return await cur.fetchall()
 
 
 async def claim_due_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,

@@ -13,6 +13,7 @@ from worker import migrate as migrations
 from worker.cli.notification_commands import add_notification_commands
 from worker.cli.task_commands import CommandError, add_task_commands
 from worker.config import Settings
+from worker.db import ConfigurationError
 
 DEFAULT_PORT = 8080
 
@@ -162,5 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, SettingsError) as exc:
         print(f"taskman: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    return args.run(settings, args)
+    try:
+        return args.run(settings, args)
+    except ConfigurationError as exc:  # settings that validate alone but cannot work together
+        print(f"taskman: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
 

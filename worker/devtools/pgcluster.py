@@ -46,8 +46,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_as() -> str | None:
-    """The unprivileged account to run postgres as, created when running as root."""
+def unprivileged_user() -> str | None:
+    """The unprivileged account to run servers as (postgres, PgBouncer), created when
+    running as root; None when not root."""
     if os.geteuid() != 0:
         return None
     try:
@@ -66,7 +67,7 @@ class Cluster:
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="taskman-pg-"))
         self.data = self.root / "data"
-        self.user = _run_as()
+        self.user = unprivileged_user()
         self.process: subprocess.Popen | None = None
 
     def url(self, database: str = "postgres", user: str = "postgres") -> str:

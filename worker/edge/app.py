@@ -13,6 +13,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker import db
 from worker.config import Settings
 from worker.edge import dashboard, routes
 from worker.edge.auth import Authenticator
@@ -32,18 +33,31 @@ def create_app(
 
     The connection pool and the shared LISTEN connection open when the app starts
     and close when it stops; a database that is down at start makes ``/healthz``
-    answer 503 until it is back, rather than preventing the start.
+    answer 503 until it is back, rather than preventing the start. Behind a
+    transaction pooler (``TASKMAN_DATABASE_POOL_MODE``) nothing is prepared, and
+    ``/events`` listens on ``TASKMAN_LISTEN_DATABASE_URL`` or else polls for changes.
     """
+    connections = db.Connections.resolve(
+        conninfo, settings.database_pool_mode, settings.listen_database_url)
     pool = ConnectionPool(
         conninfo,
         min_size=1,
         max_size=settings.edge_pool_size,
         timeout=POOL_TIMEOUT_SECONDS,
-        kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "taskman-edge"},
+        kwargs={"autocommit": True, "row_factory": dict_row, "application_name": "taskman-edge",
+                **connections.connection_kwargs},
         open=False,
     )
-    hub = TaskEventHub(conninfo, stream_capacity(settings.events_max_streams),
-                       settings.events_max_streams_per_user)
+    hub = TaskEventHub(connections.listen_conninfo, conninfo=conninfo,
+                       connection_kwargs=connections.connection_kwargs,
+                       poll_interval=settings.change_check_interval,
+                       max_streams=stream_capacity(settings.events_max_streams),
+                       max_streams_per_owner=settings.events_max_streams_per_user)
+    if hub.polling:  # a warning, so that it shows with uvicorn's default logging
+        log.warning("DATABASE_URL is a transaction pooler, where LISTEN does not work: /events "
+                 "checks for task changes every %.2gs. For changes within milliseconds, set "
+                 "TASKMAN_LISTEN_DATABASE_URL to a direct or session pooler URL.",
+                 settings.change_check_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -353,7 +353,7 @@ class _EventStreamResponse(StreamingResponse):
     def __init__(self, hub: TaskEventHub, subscription: Subscription,
                  keepalive_seconds: float) -> None:
         super().__init__(
-            event_stream(subscription, keepalive_seconds),
+            event_stream(hub, subscription, keepalive_seconds),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -5,6 +5,11 @@ insert and status change. One connection listens for the whole edge and fans eac
 notification out to the subscribers allowed to see it: the service sees every
 task, a user only their own.
 
+Behind a transaction pooler with no listen URL, LISTEN does not work: then, while
+anyone is subscribed, one connection reads the same changes back from ``task_events``
+every ``change_check_interval`` seconds (the events each insert and status change
+writes), so streams carry the same events, a fraction of a second later.
+
 Each open stream holds a socket, so streams are capped per caller and in total:
 one user cannot take the file descriptors every other request needs.
 """
@@ -15,8 +20,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
@@ -30,6 +36,14 @@ log = logging.getLogger(__name__)
 # rather than buffering without bound.
 QUEUE_SIZE = 1_000
 RECONNECT_MAX_SECONDS = 30.0
+# A new stream waits at most this long for the hub to follow changes before it is told
+# it is connected (the database may be down).
+READY_SECONDS = 3.0
+# Polling task_events: how many a read, and how long an id skipped in the sequence may
+# still turn up (its transaction not yet committed) before it counts as rolled back.
+CHANGES_BATCH = 1_000
+MISSING_SECONDS = 10.0
+MAX_MISSING = 10_000
 
 
 class Subscription:
@@ -46,6 +60,43 @@ class Subscription:
         )
 
 
+class ChangeCursor:
+    """Follows ``task_events`` by id without missing an event committed late.
+
+    Ids are taken in insert order but become visible in commit order, so an id
+    skipped by one read may show up in the next: it is read again (``missing``) for
+    up to ``MISSING_SECONDS``, after which it counts as rolled back.
+    """
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self._missing: dict[int, float] = {}  # id -> when it was first skipped
+
+    @property
+    def missing(self) -> list[int]:
+        return list(self._missing)
+
+    def advance(self, rows: Sequence[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+        """Take the rows of a ``task_changes`` read; returns the events to publish."""
+        events = []
+        for row in rows:
+            event_id = int(row["event_id"])
+            if event_id > self.after:
+                for skipped in range(max(self.after + 1, event_id - MAX_MISSING), event_id):
+                    self._missing[skipped] = now
+                self.after = event_id
+            else:
+                self._missing.pop(event_id, None)
+            if row["change"]:
+                user_id = row["user_id"]
+                events.append({"task_id": str(row["task_id"]), "status": row["status"],
+                               "user_id": None if user_id is None else str(user_id)})
+        for event_id, since in list(self._missing.items()):
+            if now - since > MISSING_SECONDS or len(self._missing) > MAX_MISSING:
+                del self._missing[event_id]
+        return events
+
+
 class StreamLimitReached(Exception):
     """The caller, or the whole edge, already holds as many streams as allowed."""
 
@@ -56,22 +107,47 @@ def stream_owner(principal: Principal) -> str:
 
 
 class TaskEventHub:
-    """Listens on the ``taskman`` channel and fans notifications out to subscribers.
+    """Fans task changes out to subscribers: from LISTEN on ``listen_conninfo``, or when
+    that is None by reading them from ``conninfo`` every ``poll_interval`` seconds.
 
     At most ``max_streams`` subscriptions at once, and ``max_streams_per_owner`` for
     each user (the service counts as one).
     """
 
-    def __init__(self, conninfo: str, max_streams: int, max_streams_per_owner: int) -> None:
-        self._conninfo = conninfo
+    def __init__(self, listen_conninfo: str | None, *, conninfo: str | None = None,
+                 connection_kwargs: dict[str, Any] | None = None,
+                 poll_interval: float = 0.5, max_streams: int = 256,
+                 max_streams_per_owner: int = 5) -> None:
+        if listen_conninfo is None and conninfo is None:
+            raise ValueError("give listen_conninfo, or conninfo to poll for changes")
         self.max_streams = max_streams
         self.max_streams_per_owner = max_streams_per_owner
-        self._subscribers: set[Subscription] = set()
         self._owners: Counter[str] = Counter()
+        self._conninfo = listen_conninfo
+        self._poll_conninfo = conninfo
+        self._connection_kwargs = connection_kwargs or {}
+        self._poll_interval = poll_interval
+        self._subscribers: set[Subscription] = set()
         self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()  # following changes: what happens now reaches streams
+        self._wanted = asyncio.Event()  # someone is subscribed (polling only)
+
+    @property
+    def polling(self) -> bool:
+        """Whether changes are polled (no LISTEN)."""
+        return self._conninfo is None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="taskman-events-listener")
+        follow = self._poll() if self.polling else self._listen()
+        self._task = asyncio.create_task(follow, name="taskman-events")
+
+    async def wait_ready(self, timeout: float = READY_SECONDS) -> bool:
+        """Wait until changes from now on reach subscribers; False after ``timeout``."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         """Stop listening and end every open stream."""
@@ -97,6 +173,7 @@ class TaskEventHub:
         subscription = Subscription(principal)
         self._subscribers.add(subscription)
         self._owners[owner] += 1
+        self._wanted.set()
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -128,6 +205,7 @@ class TaskEventHub:
         subscription.queue.put_nowait(None)
 
     async def _listen(self) -> None:
+        assert self._conninfo is not None
         delay = 1.0
         while True:
             try:
@@ -136,13 +214,61 @@ class TaskEventHub:
                 ) as conn:
                     await store.listen(conn)
                     delay = 1.0
-                    async for notify in conn.notifies():
-                        self._publish_payload(notify.payload)
+                    self._ready.set()
+                    try:
+                        async for notify in conn.notifies():
+                            self._publish_payload(notify.payload)
+                    finally:
+                        self._ready.clear()
             except psycopg.Error as exc:
                 # Events sent while reconnecting are missed; clients refetch on reconnect.
                 log.warning("events listener: %s; reconnecting in %.0fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _poll(self) -> None:
+        """While anyone is subscribed, read new task changes every ``poll_interval``.
+
+        The cursor survives a lost connection, so changes made meanwhile still arrive
+        once it is back.
+        """
+        assert self._poll_conninfo is not None
+        cursor: ChangeCursor | None = None
+        delay = 1.0
+        while True:
+            await self._wanted.wait()
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._poll_conninfo, autocommit=True,
+                    application_name="taskman-edge-events", **self._connection_kwargs,
+                ) as conn:
+                    if cursor is None:
+                        cursor = ChangeCursor(await store.latest_task_event_id(conn))
+                    self._ready.set()
+                    delay = 1.0
+                    while self._subscribers:
+                        await self._read_changes(conn, cursor)
+                        await asyncio.sleep(self._poll_interval)
+                    cursor = None  # nobody follows: the next subscriber starts from then
+                    self._ready.clear()
+                    if not self._subscribers:
+                        self._wanted.clear()
+            except psycopg.Error as exc:
+                self._ready.clear()
+                log.warning("events poller: %s; reconnecting in %.0fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    async def _read_changes(self, conn: psycopg.AsyncConnection[Any],
+                            cursor: ChangeCursor) -> None:
+        while True:
+            after = cursor.after
+            rows = await store.task_changes(conn, after=after, missing=cursor.missing,
+                                            limit=CHANGES_BATCH)
+            for event in cursor.advance(rows, time.monotonic()):
+                self.publish(event)
+            if sum(row["event_id"] > after for row in rows) < CHANGES_BATCH:
+                return  # read up to now; else more are waiting
 
     def _publish_payload(self, payload: str) -> None:
         try:
@@ -154,9 +280,13 @@ class TaskEventHub:
             self.publish(event)
 
 
-async def event_stream(subscription: Subscription, keepalive_seconds: float) -> AsyncIterator[str]:
-    """The SSE text for one subscribed client: a ``connected`` comment, then ``event:
-    task`` messages, and a keep-alive comment whenever the line is quiet."""
+async def event_stream(
+    hub: TaskEventHub, subscription: Subscription, keepalive_seconds: float
+) -> AsyncIterator[str]:
+    """The SSE text for one subscribed client: a ``connected`` comment once the hub follows
+    changes, then ``event: task`` messages, and a keep-alive comment whenever the line
+    is quiet."""
+    await hub.wait_ready()
     yield "retry: 3000\n: connected\n\n"
     while True:
         try:

@@ -4,6 +4,9 @@ One asyncio loop runs a few long-lived coroutines beside the polls themselves:
 
 - the claimer claims as many due tasks as there are free poll slots, then sleeps until
   a NOTIFY on ``taskman`` says a task is new (or retried), or the next one falls due;
+  while it cannot LISTEN (behind a transaction pooler with no separate listen URL, or
+  while the listen connection is down) it checks the due index every
+  ``change_check_interval`` seconds instead;
 - each claimed task is polled in its own coroutine, within the global limit
   (``concurrency``) and its host's limit (``per_host_concurrency``);
 - the recorder writes finished polls with one ``record_poll_results`` call a batch;
@@ -33,7 +36,7 @@ import httpx
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from worker import store
+from worker import db, store
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome
 from worker.polling.metrics import WorkerMetrics
@@ -89,6 +92,8 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.conninfo = conninfo
+        self.connections = db.Connections.resolve(
+            conninfo, settings.database_pool_mode, settings.listen_database_url)
         self.worker_id = worker_id or new_worker_id()
         self.metrics = metrics or WorkerMetrics()
         self.jobs = [PeriodicJob("expire_overdue_tasks", SWEEP_INTERVAL_SECONDS,
@@ -102,6 +107,7 @@ class Worker:
         self._polling = 0  # polls not yet finished (slots in use)
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
+        self._listening = False  # a LISTEN connection is up: NOTIFY wakes the claimer
         self._claimer_wakes_at = 0.0  # monotonic; 0 while the claimer is not sleeping
         self._outcomes: list[PollOutcome] = []
         self._outcome_added = asyncio.Event()
@@ -114,18 +120,27 @@ class Worker:
         record what finished, and release the leases of what did not.
         """
         log.info("worker %s starting", self.worker_id,
-                 extra={"worker_id": self.worker_id, "concurrency": self.settings.concurrency})
+                 extra={"worker_id": self.worker_id, "concurrency": self.settings.concurrency,
+                        "pool_mode": self.connections.pool_mode})
+        if self.connections.listen_conninfo is None:
+            log.info("DATABASE_URL is a transaction pooler, where LISTEN does not work: "
+                     "checking for new tasks every %.2gs. For pickup within milliseconds, "
+                     "set TASKMAN_LISTEN_DATABASE_URL to a direct or session pooler URL.",
+                     self.settings.change_check_interval)
         self._pool = AsyncConnectionPool(
             # One connection each for claiming, recording and every job.
             self.conninfo, min_size=2, max_size=2 + len(self.jobs), open=False,
             timeout=SHUTDOWN_DB_SECONDS,
-            kwargs={"autocommit": True, "application_name": "taskman-worker"},
+            kwargs={"autocommit": True, "application_name": "taskman-worker",
+                    **self.connections.connection_kwargs},
         )
         self._clients = make_clients(self.settings)
         self._poller = Poller(self._clients, self.settings, self.worker_id)
         await self._pool.open(wait=False)
-        background = [asyncio.create_task(self._claim_loop(), name="claim"),
-                      asyncio.create_task(self._listen_loop(), name="listen")]
+        background = [asyncio.create_task(self._claim_loop(), name="claim")]
+        if self.connections.listen_conninfo is not None:
+            background.append(asyncio.create_task(
+                self._listen_loop(self.connections.listen_conninfo), name="listen"))
         background += [asyncio.create_task(self._job_loop(job), name=job.name)
                        for job in self.jobs]
         recorder = asyncio.create_task(self._record_loop(), name="record")
@@ -183,10 +198,34 @@ class Worker:
                 failures += 1
                 wait = await self._after_db_error("claiming", exc, failures)
             if wait > 0:
-                self._claimer_wakes_at = time.monotonic() + wait
+                await self._sleep(wait)
+
+    async def _sleep(self, wait: float) -> None:
+        """Sleep `wait` seconds, or less when woken (a NOTIFY, an outcome recorded).
+
+        While not listening, look at the due index every ``change_check_interval``
+        seconds meanwhile, and end the sleep when a task is due.
+        """
+        self._claimer_wakes_at = wakes_at = time.monotonic() + wait
+        try:
+            while (left := wakes_at - time.monotonic()) > 0:
+                step = left if self._listening else min(left, self.settings.change_check_interval)
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                self._claimer_wakes_at = 0.0
+                    await asyncio.wait_for(self._wake.wait(), step)
+                    return
+                if step < left and not self._listening and await self._task_due():
+                    return
+        finally:
+            self._claimer_wakes_at = 0.0
+
+    async def _task_due(self) -> bool:
+        """Whether a task is due now (True after a database error: let the claim report it)."""
+        try:
+            async with self._pool.connection() as conn:
+                seconds = await store.seconds_until_due(conn)
+        except _DB_ERRORS:
+            return True
+        return seconds is not None and seconds <= 0
 
     async def _claim(self, batch_size: int) -> list[ClaimedTask]:
         started = time.perf_counter()
@@ -208,23 +247,28 @@ class Worker:
         # Due now but not claimed: locked by another worker's claim, so look again soon.
         return min(MAX_IDLE_SECONDS, max(seconds, 0.01))
 
-    async def _listen_loop(self) -> None:
+    async def _listen_loop(self, conninfo: str) -> None:
         """Wake the claimer on every new (or retried) task."""
         failures = 0
         while True:
             try:
-                # Keepalives: an idle listener behind a NAT or pooler that silently drops
-                # it would otherwise wait forever (the claimer's idle timer still runs).
+                # Keepalives (connection parameters, not session state): an idle listener
+                # behind a NAT or pooler that silently drops it would otherwise wait
+                # forever (the claimer's idle timer still runs).
                 async with await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, application_name="taskman-worker-listen",
+                    conninfo, autocommit=True, application_name="taskman-worker-listen",
                     keepalives_idle=60, keepalives_interval=10, keepalives_count=3,
                 ) as conn:
                     await store.listen(conn)
                     failures = 0
+                    self._listening = True
                     self._wake.set()  # whatever was announced while we were not listening
-                    async for notice in conn.notifies():
-                        if json.loads(notice.payload).get("status") == "pending":
-                            self._wake.set()
+                    try:
+                        async for notice in conn.notifies():
+                            if json.loads(notice.payload).get("status") == "pending":
+                                self._wake.set()
+                    finally:
+                        self._listening = False  # the claimer checks the due index meanwhile
             except psycopg.OperationalError as exc:
                 failures += 1
                 wait = _db_retry_delay(failures)
