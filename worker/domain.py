@@ -116,6 +116,7 @@ class PollOutcome(TypedDict, total=False):
     # invalid_response when the answer was unreadable.
     error_code: Literal["remote_failed", "poll_error", "invalid_response"]
     delay_seconds: float  # when to poll next if the task goes on
+    reason: str  # a short code for the task's events (timeout, http_status, ...)
     result: Any
     progress: int | None
     progress_message: str | None

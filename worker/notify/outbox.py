@@ -140,7 +140,7 @@ class OutboxDispatcher:
             delivery = Delivery("given_up", reason="slack_not_configured")
         else:
             try:
-                text = alert_text([r.payload for r in rows])
+                text = alert_text([r.payload for r in rows if r.payload is not None])
                 delivery = await asyncio.to_thread(self._slack.send, text)
             except Exception as exc:
                 delivery = _unexpected("alerts", rows, exc)
@@ -148,6 +148,7 @@ class OutboxDispatcher:
         return [self._result(r, delivery, digest_size) for r in rows]
 
     async def _deliver_callback(self, row: OutboxRow) -> list[dict[str, Any]]:
+        assert row.payload is not None  # run_once records unreadable rows apart
         async with self._limit:
             try:
                 delivery = await self._callbacks.deliver(row.outbox_id, row.payload)

@@ -160,8 +160,8 @@ class Worker:
             except TimeoutError:
                 log.error("could not record the last outcomes; their leases will expire")
             await self._release_leases()
-            for task in done - {stopping}:
-                task.result()  # a loop that ended by itself is a bug: raise it
+            for ended in done - {stopping}:
+                ended.result()  # a loop that ended by itself is a bug: raise it
         finally:
             stopping.cancel()
             recorder.cancel()
@@ -393,7 +393,7 @@ class Worker:
             await store.record_poll_results(conn, results)
         self.metrics.record_latency.observe(time.perf_counter() - started)
 
-    def _serialized(self, outcome: dict[str, Any]) -> str:
+    def _serialized(self, outcome: PollOutcome) -> str:
         """`outcome` as JSON; one that cannot be written out (a result nested too deeply,
         say) becomes an unreadable answer, so that it fails only its own task."""
         try:
@@ -462,7 +462,12 @@ def _db_retry_delay(failures: int) -> float:
 
 def _unstorable(outcome: PollOutcome, why: str, delay: float) -> PollOutcome:
     """`outcome` reduced to an unreadable answer: what could not be stored is dropped."""
-    kept = {k: outcome.get(k) for k in ("task_id", "worker_id", "http_status", "latency_ms")}
-    return kept | {"ok": False, "error_code": "invalid_response", "delay_seconds": delay,
-                   "reason": "unstorable_answer",
-                   "raw_error": f"the answer could not be stored: {why}"}
+    reduced: PollOutcome = {"ok": False, "error_code": "invalid_response", "delay_seconds": delay,
+                            "reason": "unstorable_answer",
+                            "raw_error": f"the answer could not be stored: {why}"}
+    reduced["task_id"], reduced["worker_id"] = outcome["task_id"], outcome["worker_id"]
+    if "http_status" in outcome:
+        reduced["http_status"] = outcome["http_status"]
+    if "latency_ms" in outcome:
+        reduced["latency_ms"] = outcome["latency_ms"]
+    return reduced

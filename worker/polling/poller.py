@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Literal
 
 import httpx
 
@@ -130,7 +131,7 @@ class Poller:
             return self._retry(task, "timeout", f"{type(exc).__name__}: {raw}")
         except httpx.RequestError as exc:
             return self._retry(task, "connection_error", f"{type(exc).__name__}: {exc}")
-        latency = {"latency_ms": (time.perf_counter() - started) * 1000}
+        latency: PollOutcome = {"latency_ms": (time.perf_counter() - started) * 1000}
         return latency | self._interpret(task, profile, response, body)
 
     async def _fetch(self, task: ClaimedTask) -> tuple[httpx.Response, bytes]:
@@ -170,7 +171,7 @@ class Poller:
     ) -> PollOutcome:
         code = response.status_code
         raw = body[:MAX_RAW_RESPONSE].decode("utf-8", "replace").replace("\x00", "\ufffd")
-        seen = {"http_status": code, "raw_response": raw}
+        seen: PollOutcome = {"http_status": code, "raw_response": raw}
         if backoff.is_transient_status(code):
             wait = _retry_after(response) if code in (429, 503) else None
             return seen | self._retry(task, "http_status", f"HTTP {code}", wait=wait)
@@ -184,16 +185,17 @@ class Poller:
             message = (f"The answer could not be read within Taskman's evaluation budget: "
                        f"{exc}. Simplify the response profile's expressions.")
             return seen | _failed("invalid_response", "evaluation_budget", message)
-        progress = {"progress": reading.progress, "progress_message": reading.progress_message}
+        progress: PollOutcome = {"progress": reading.progress,
+                                 "progress_message": reading.progress_message}
         if reading.state == "unreadable":
             return seen | self._retry(task, "unreadable_answer", reading.reason, unreadable=True)
         if reading.state == "completed":
-            return seen | {"ok": True, "status": "completed", "result": reading.result}
+            return {**seen, "ok": True, "status": "completed", "result": reading.result}
         if reading.state == "failed":
             # The poll itself worked (ok); error_message stays null, so the database
             # writes its neutral sentence, and the remote's own text stays raw_error.
-            return seen | progress | {"ok": True, "status": "failed", "error_code": "remote_failed",
-                                      "raw_error": reading.error_detail}
+            return {**seen, **progress, "ok": True, "status": "failed",
+                    "error_code": "remote_failed", "raw_error": reading.error_detail}
         # The remote's hint (Retry-After on a 202) may shorten the wait, down to the floor.
         wait = _retry_after(response) if code == 202 else None
         if reading.state == "running":
@@ -203,10 +205,10 @@ class Poller:
                     task.attempt_count + 1,
                     self.settings.max_poll_interval_seconds,
                 )
-            return seen | progress | {"ok": True, "status": "in_progress",
-                                      "delay_seconds": self._floored(wait)}
+            return {**seen, **progress, "ok": True, "status": "in_progress",
+                    "delay_seconds": self._floored(wait)}
         delay = task.poll_interval_seconds if wait is None else wait
-        return seen | progress | {"ok": True, "delay_seconds": self._floored(delay)}
+        return {**seen, **progress, "ok": True, "delay_seconds": self._floored(delay)}
 
     def _retry(
         self, task: ClaimedTask, reason: str, raw_error: str | None, *,
@@ -222,8 +224,8 @@ class Poller:
                 self.rand(),
                 floor=self.settings.min_poll_interval_seconds,
             )
-        outcome = {"ok": False, "delay_seconds": self._floored(wait), "reason": reason,
-                   "raw_error": raw_error}
+        outcome: PollOutcome = {"ok": False, "delay_seconds": self._floored(wait),
+                                "reason": reason, "raw_error": raw_error}
         if unreadable:
             outcome["error_code"] = "invalid_response"
         return outcome
@@ -239,7 +241,8 @@ def compiled_profile(profile_json: str) -> ResponseProfile:
 
 
 def _failed(
-    code: str, reason: str, message: str, raw_error: str | None = None
+    code: Literal["poll_error", "invalid_response"], reason: str, message: str,
+    raw_error: str | None = None,
 ) -> PollOutcome:
     """A final failure: the task ends with `code`; `message` is shown to its owner and
     `reason` (a short code) in its events."""

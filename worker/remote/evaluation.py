@@ -112,7 +112,7 @@ class BudgetedInterpreter(TreeInterpreter):
 
     # The interpreter, charged ------------------------------------------------------------
 
-    def visit(self, node: dict[str, Any], value: Any) -> Any:  # type: ignore[override]
+    def visit(self, node: dict[str, Any], value: Any) -> Any:
         self.remaining -= 1
         if self.remaining < 0:
             raise BudgetExceeded(f"evaluation needed more than {self.budget} steps")

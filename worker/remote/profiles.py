@@ -81,12 +81,13 @@ class ResponseProfile:
         """The state a status value means, or None if it is in none of the lists."""
         value = str(status).casefold()
         # Checked in this order, so a value listed twice counts as the more final state.
-        for state, values in (
+        checks: tuple[tuple[PollState, frozenset[str]], ...] = (
             ("completed", self.completed_values),
             ("failed", self.failed_values),
             ("running", self.running_values),
             ("pending", self.pending_values),
-        ):
+        )
+        for state, values in checks:
             if value in values:
                 return state
         return None
