@@ -30,6 +30,10 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1_024, le=104_857_600, alias="TASKMAN_MAX_RESPONSE_BYTES"
     )
     # Steps one answer's reading (all its profile's JMESPath expressions) may take.
+    # Compiled response profiles the worker keeps, by the bytes of their JSON text.
+    profile_cache_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=0, le=1024 * 1024 * 1024, alias="TASKMAN_PROFILE_CACHE_BYTES"
+    )
     expression_budget: int = Field(
         default=200_000, ge=1_000, le=100_000_000, alias="TASKMAN_EXPRESSION_BUDGET"
     )

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Literal
 
 import httpx
 
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome
+from worker.polling.profile_cache import ProfileCache
 from worker.remote import backoff
 from worker.remote.bodies import ACCEPT_ENCODING, ResponseTooLarge, UndecodableBody, read_capped
 from worker.remote.headers import headers_problem
@@ -86,6 +85,7 @@ class Poller:
         self.settings = settings
         self.worker_id = worker_id
         self.rand = rand
+        self._profiles = ProfileCache(settings.profile_cache_bytes)
 
     async def poll(self, task: ClaimedTask) -> PollOutcome:
         """Poll `task` once. Never raises: whatever the remote, the network or the task's own
@@ -102,7 +102,7 @@ class Poller:
 
     async def _poll(self, task: ClaimedTask) -> PollOutcome:
         try:
-            profile = compiled_profile(task.profile)
+            profile = self._profiles.get(task.profile)
         except ProfileError as exc:
             return _failed("invalid_response", "invalid_profile",
                            f"poll_config is not usable: {exc}")
@@ -232,12 +232,6 @@ class Poller:
 
     def _floored(self, seconds: float) -> float:
         return max(self.settings.min_poll_interval_seconds, seconds)
-
-
-@lru_cache(maxsize=512)
-def compiled_profile(profile_json: str) -> ResponseProfile:
-    """The profile a claim carries (as JSON text), compiled once per distinct profile."""
-    return ResponseProfile.from_dict(json.loads(profile_json))
 
 
 def _failed(
