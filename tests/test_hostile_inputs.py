@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.hostile_remote import Attack, HostileRemote, forever, once, response
-from tests.receivers import Receiver
+from tests.remote_api import RemoteAPI, start_receiver
 from tests.worker_harness import REPO, TEST_ENV, wait_until
 from worker.remote.expression_limits import static_problem
 
@@ -79,8 +79,8 @@ def healthy() -> Iterator[HostileRemote]:
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
+def receiver() -> Iterator[RemoteAPI]:
+    hook = start_receiver()
     yield hook
     hook.stop()
 
@@ -371,10 +371,10 @@ POISON = st.one_of(
 def test_poison_results_fail_alone_in_the_outbox(sql, receiver, worker, poisons) -> None:
     poisoned = {}
     for poison in poisons:
-        task_id = create(sql, None, callback_url=f"{receiver.url}/poison")
+        task_id = create(sql, None, callback_url=f"{receiver.url()}/poison")
         sql.execute("select taskman.update_task(%s, 'completed', %s::jsonb)", (task_id, poison))
         poisoned[task_id] = poison
-    control = create(sql, None, callback_url=f"{receiver.url}/control/{uuid.uuid4().hex}")
+    control = create(sql, None, callback_url=f"{receiver.url()}/control/{uuid.uuid4().hex}")
     sql.execute("select taskman.update_task(%s, 'completed', '{\"ok\": true}')", (control,))
     ended = time.monotonic()
     wait_until(lambda: any(r.json()["task_id"] == control for r in receiver.delivered()

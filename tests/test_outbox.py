@@ -16,7 +16,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.factories import USER_A, create_task, events
-from tests.receivers import Receiver
+from tests.remote_api import RemoteAPI, start_receiver
 from worker.config import Settings
 from worker.notify import OutboxDispatcher
 from worker.notify.completion_callbacks import callback_client, verify_signature
@@ -26,20 +26,20 @@ SECRET = "callback-secret-for-tests"
 
 
 @pytest.fixture
-def slack() -> Iterator[Receiver]:
-    receiver = Receiver(answer="ok")
+def slack() -> Iterator[RemoteAPI]:
+    receiver = start_receiver(answer="ok")
     yield receiver
     receiver.stop()
 
 
 @pytest.fixture
-def hook() -> Iterator[Receiver]:
-    receiver = Receiver(answer={"received": True})
+def hook() -> Iterator[RemoteAPI]:
+    receiver = start_receiver(answer={"received": True})
     yield receiver
     receiver.stop()
 
 
-def make_settings(slack: Receiver | None = None, **overrides: Any) -> Settings:
+def make_settings(slack: RemoteAPI | None = None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "TASKMAN_ALLOW_PRIVATE_NETWORKS": True,  # the receivers listen on 127.0.0.1
         "TASKMAN_CALLBACK_SECRET": SECRET,
@@ -47,7 +47,7 @@ def make_settings(slack: Receiver | None = None, **overrides: Any) -> Settings:
         "TASKMAN_OUTBOX_RETRY_BASE": 60,
     }
     if slack is not None:
-        values["SLACK_WEBHOOK_URL"] = f"{slack.url}/services/T000/B000/XXXX"
+        values["SLACK_WEBHOOK_URL"] = f"{slack.url()}/services/T000/B000/XXXX"
     return Settings(_env_file=None, **{**values, **overrides})
 
 
@@ -85,7 +85,7 @@ def test_failed_task_sends_exactly_one_slack_alert(conn, database_url, slack) ->
     assert dispatch(database_url, make_settings(slack)).delivered == 1
     assert dispatch(database_url, make_settings(slack)).claimed == 0
 
-    [message] = slack.received
+    [message] = slack.hits()
     text = message.json()["text"]
     assert task["task_id"] in text and "job-42" in text and "remote_failed" in text
     assert "api.example.com" not in text  # no poll URL (it may hold secrets)
@@ -103,7 +103,7 @@ def test_task_past_its_deadline_sends_a_timeout_alert(conn, database_url, slack)
 
     dispatch(database_url, make_settings(slack))
 
-    [message] = slack.received
+    [message] = slack.hits()
     assert "timeout" in message.json()["text"]
     assert "did not finish before its deadline" in message.json()["text"]
 
@@ -113,7 +113,7 @@ def test_completed_and_cancelled_tasks_send_no_alert(conn, database_url, slack) 
     end_task(conn, create_task(conn)["task_id"], "cancelled")
 
     assert dispatch(database_url, make_settings(slack)).claimed == 0
-    assert slack.received == []
+    assert slack.hits() == []
 
 
 def test_fifty_failures_at_once_become_one_digest(conn, database_url, slack) -> None:
@@ -123,7 +123,7 @@ def test_fifty_failures_at_once_become_one_digest(conn, database_url, slack) -> 
     summary = dispatch(database_url, make_settings(slack))
 
     assert summary.claimed == 50 and summary.delivered == 50
-    [message] = slack.received
+    [message] = slack.hits()
     text = message.json()["text"]
     assert "50 tasks failed (remote_failed: 50)" in text
     assert "and 30 more" in text
@@ -147,7 +147,7 @@ def test_slack_down_then_up_delivers_once_and_records_each_attempt(
     assert dispatch(database_url, make_settings(slack)).claimed == 0
 
     assert len(slack.delivered()) == 1
-    assert [r.status for r in slack.received] == [503, 200]
+    assert [r.status for r in slack.hits()] == [503, 200]
     failed, sent = delivery_events(conn, task["task_id"])
     assert failed["event_type"] == "notification_failed"
     assert failed["detail"]["attempt"] == 1 and failed["detail"]["reason"] == "slack_error"
@@ -156,7 +156,7 @@ def test_slack_down_then_up_delivers_once_and_records_each_attempt(
 
 
 def test_callback_receiver_down_then_up_gets_the_callback_once(conn, database_url, hook) -> None:
-    task = create_task(conn, callback_url=f"{hook.url}/done")
+    task = create_task(conn, callback_url=f"{hook.url()}/done")
     end_task(conn, task["task_id"], "completed")
     hook.stop()
 
@@ -168,7 +168,7 @@ def test_callback_receiver_down_then_up_gets_the_callback_once(conn, database_ur
     make_due(conn)
     assert dispatch(database_url, make_settings()).claimed == 0
 
-    [callback] = hook.received
+    [callback] = hook.hits()
     assert callback.path == "/done"
     assert callback.json()["task_id"] == task["task_id"]
     assert callback.json()["status"] == "completed"
@@ -180,12 +180,12 @@ def test_callback_receiver_down_then_up_gets_the_callback_once(conn, database_ur
 
 
 def test_callback_signature_verifies_with_the_documented_recipe(conn, database_url, hook) -> None:
-    task = create_task(conn, callback_url=hook.url, metadata={"order": 7})
+    task = create_task(conn, callback_url=hook.url(), metadata={"order": 7})
     end_task(conn, task["task_id"], "completed")
 
     dispatch(database_url, make_settings())
 
-    [callback] = hook.received
+    [callback] = hook.hits()
     timestamp = callback.headers["X-Taskman-Timestamp"]
     signature = callback.headers["X-Taskman-Signature"]
     # The recipe of docs/callbacks.md, step by step.
@@ -204,7 +204,7 @@ def test_callback_signature_verifies_with_the_documented_recipe(conn, database_u
 
 
 def test_failed_callbacks_back_off_exponentially(conn, database_url, hook) -> None:
-    task = create_task(conn, callback_url=hook.url)
+    task = create_task(conn, callback_url=hook.url())
     end_task(conn, task["task_id"], "failed")
     hook.status = 500
     settings = make_settings(TASKMAN_OUTBOX_RETRY_BASE=100)
@@ -224,7 +224,7 @@ def test_failed_callbacks_back_off_exponentially(conn, database_url, hook) -> No
 
 
 def test_receiver_retry_after_is_honoured(conn, database_url, hook) -> None:
-    task = create_task(conn, callback_url=hook.url)
+    task = create_task(conn, callback_url=hook.url())
     end_task(conn, task["task_id"], "completed")
     hook.status = 429
     hook.headers = {"Retry-After": "900"}
@@ -237,7 +237,7 @@ def test_receiver_retry_after_is_honoured(conn, database_url, hook) -> None:
 
 
 def test_delivery_gives_up_after_max_attempts(conn, database_url, hook) -> None:
-    task = create_task(conn, callback_url=hook.url)
+    task = create_task(conn, callback_url=hook.url())
     end_task(conn, task["task_id"], "completed")
     hook.status = 500
     settings = make_settings(TASKMAN_OUTBOX_MAX_ATTEMPTS=2)
@@ -248,7 +248,7 @@ def test_delivery_gives_up_after_max_attempts(conn, database_url, hook) -> None:
     make_due(conn)
     assert dispatch(database_url, settings).claimed == 0
 
-    assert len(hook.received) == 2
+    assert len(hook.hits()) == 2
     kinds = [e["event_type"] for e in delivery_events(conn, task["task_id"])]
     assert kinds == ["notification_failed", "notification_given_up"]
     row = conn.execute("select * from taskman_private.outbox").fetchone()
@@ -267,29 +267,29 @@ def test_alerts_without_slack_configured_are_given_up_with_a_reason(conn, databa
 
 
 def test_slack_bot_token_posts_to_the_configured_channel(conn, database_url) -> None:
-    api = Receiver(answer={"ok": True, "channel": "C1", "ts": "1.0"})
+    api = start_receiver(answer={"ok": True, "channel": "C1", "ts": "1.0"})
     try:
         task = create_task(conn)
         end_task(conn, task["task_id"], "failed")
         settings = make_settings(SLACK_BOT_TOKEN="xoxb-test", SLACK_CHANNEL="#alerts",
-                                 SLACK_API_URL=f"{api.url}/api/")
+                                 SLACK_API_URL=f"{api.url()}/api/")
 
         assert dispatch(database_url, settings).delivered == 1
     finally:
         api.stop()
-    [call] = api.received
+    [call] = api.hits()
     assert call.path == "/api/chat.postMessage"
     assert call.headers["Authorization"] == "Bearer xoxb-test"
     assert task["task_id"] in call.body.decode()
 
 
 def test_slack_api_error_counts_as_a_failed_attempt(conn, database_url) -> None:
-    api = Receiver(answer={"ok": False, "error": "channel_not_found"})
+    api = start_receiver(answer={"ok": False, "error": "channel_not_found"})
     try:
         task = create_task(conn)
         end_task(conn, task["task_id"], "failed")
         settings = make_settings(SLACK_BOT_TOKEN="xoxb-test", SLACK_CHANNEL="#gone",
-                                 SLACK_API_URL=f"{api.url}/api/")
+                                 SLACK_API_URL=f"{api.url()}/api/")
         assert dispatch(database_url, settings).failed == 1
     finally:
         api.stop()
@@ -300,19 +300,19 @@ def test_slack_api_error_counts_as_a_failed_attempt(conn, database_url) -> None:
 def test_callback_to_a_private_address_is_refused_by_the_network_policy(
     conn, database_url, hook
 ) -> None:
-    task = create_task(conn, callback_url=hook.url)
+    task = create_task(conn, callback_url=hook.url())
     end_task(conn, task["task_id"], "completed")
 
     summary = dispatch(database_url, make_settings(TASKMAN_ALLOW_PRIVATE_NETWORKS=False))
 
     assert summary.given_up == 1
-    assert hook.received == []
+    assert hook.hits() == []
     [event] = delivery_events(conn, task["task_id"])
     assert event["detail"]["reason"] == "blocked_by_network_policy"
 
 
 def test_concurrent_dispatchers_deliver_each_callback_once(conn, database_url, hook) -> None:
-    ids = [create_task(conn, callback_url=f"{hook.url}/{i}")["task_id"] for i in range(30)]
+    ids = [create_task(conn, callback_url=f"{hook.url()}/{i}")["task_id"] for i in range(30)]
     conn.execute("select taskman.update_task(t, 'completed') from unnest(%s::uuid[]) t", (ids,))
     settings = make_settings(TASKMAN_OUTBOX_BATCH_SIZE=10)
 
@@ -331,7 +331,7 @@ def test_concurrent_dispatchers_deliver_each_callback_once(conn, database_url, h
     summaries = asyncio.run(race())
 
     assert sum(s.delivered for s in summaries) == 30
-    assert sorted(r.path for r in hook.received) == sorted(f"/{i}" for i in range(30))
+    assert sorted(r.path for r in hook.hits()) == sorted(f"/{i}" for i in range(30))
 
 
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
@@ -347,16 +347,16 @@ def test_only_the_service_may_claim_or_record_deliveries(api, role) -> None:
                                     "1" + "0" * 5000])  # more digits than Python's int allows
 def test_a_result_python_cannot_read_fails_alone_then_is_given_up(conn, database_url, hook,
                                                                   poison) -> None:
-    bad = create_task(conn, callback_url=f"{hook.url}/poison")["task_id"]
+    bad = create_task(conn, callback_url=f"{hook.url()}/poison")["task_id"]
     conn.execute("select taskman.update_task(%s, 'completed', %s::jsonb) is not null",
                  (bad, poison))
-    good = create_task(conn, callback_url=f"{hook.url}/normal")["task_id"]
+    good = create_task(conn, callback_url=f"{hook.url()}/normal")["task_id"]
     end_task(conn, good, "completed")
     settings = make_settings(TASKMAN_OUTBOX_MAX_ATTEMPTS=2)
 
     first = dispatch(database_url, settings)
     assert (first.claimed, first.delivered, first.failed) == (2, 1, 1)
-    assert [r.path for r in hook.received] == ["/normal"]  # the row behind it went out
+    assert [r.path for r in hook.hits()] == ["/normal"]  # the row behind it went out
     make_due(conn)
     assert dispatch(database_url, settings).given_up == 1
 
@@ -371,4 +371,4 @@ def test_a_result_python_cannot_read_fails_alone_then_is_given_up(conn, database
                        (bad,)).fetchone()
     assert row["given_up_at"] is not None
     assert row["last_error"].startswith("the task's JSON could not be read")
-    assert hook.received[1:] == []
+    assert hook.hits()[1:] == []
