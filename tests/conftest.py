@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.poolers import ARRANGEMENTS, Arrangement, arrangement
+from tests.remote_api import RemoteAPI, remote_api
 from worker import db
 from worker.devtools.pgbouncer import PgBouncer, find_pgbouncer
 from worker.devtools.pgcluster import Cluster, default_bin_dir
@@ -52,10 +54,10 @@ def server_url() -> Iterator[str]:
             cluster.stop()
 
 
-@pytest.fixture
-def database_url(server_url: str) -> Iterator[str]:
-    """A fresh, migrated database for one test (a clone of the template)."""
-    name = f"taskman_test_{os.getpid()}_{next(_counter)}"
+@contextmanager
+def cloned_database(server_url: str, kind: str) -> Iterator[str]:
+    """A fresh, migrated database (a clone of the template) until the block ends."""
+    name = f"taskman_{kind}_{os.getpid()}_{next(_counter)}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f"create database {name} template {TEMPLATE}")
     try:
@@ -63,19 +65,40 @@ def database_url(server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f"drop database if exists {name} with (force)")
+
+
+@pytest.fixture
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    with cloned_database(server_url, "test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def module_database_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database shared by one module's tests (for hypothesis suites)."""
-    name = f"taskman_module_{os.getpid()}_{next(_counter)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"create database {name} template {TEMPLATE}")
-    try:
-        yield _with_database(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f"drop database if exists {name} with (force)")
+    with cloned_database(server_url, "module") as url:
+        yield url
+
+
+@pytest.fixture
+def remote() -> Iterator[RemoteAPI]:
+    """The fake remote status API for one test."""
+    with remote_api() as api:
+        yield api
+
+
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen]]:
+    """Worker processes started by a test; killed at its end if still running."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
 
 
 @pytest.fixture(scope="module")

@@ -30,5 +30,10 @@ def events(conn: psycopg.Connection, task_id: str) -> list[dict[str, Any]]:
     ).fetchall()
 
 
+def count_status(conn: psycopg.Connection, status: str) -> int:
+    return conn.execute("select count(*) as n from taskman.tasks where status = %s",
+                        (status,)).fetchone()["n"]
+
+
 def set_status(conn: psycopg.Connection, task_id: str, status: str) -> None:
     conn.execute("update taskman.tasks set status = %s where task_id = %s", (status, task_id))

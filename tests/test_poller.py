@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.hostile_remote import Attack, HostileRemote, forever, hostile_remote, once, response
-from tests.remote_api import RemoteAPI, Reply, remote_api
+from tests.remote_api import Reply
 from tests.worker_harness import worker_settings
 from worker.domain import ClaimedTask
 from worker.polling.poller import Poller, make_clients
@@ -22,12 +22,6 @@ from worker.polling.poller import Poller, make_clients
 GENERIC = json.dumps({"name": "generic", "status_path": "status", "completed_values": ["done"],
                       "running_values": ["running"], "pending_values": ["queued"],
                       "result_path": "result", "progress_path": "progress"})
-
-
-@pytest.fixture
-def remote() -> Iterator[RemoteAPI]:
-    with remote_api() as api:
-        yield api
 
 
 def poll(url: str, *, method: str = "GET", body: Any = None, attempt_count: int = 0,

@@ -25,8 +25,9 @@ from pydantic import ValidationError
 from tests.conftest import require_pgbouncer
 from tests.edge.conftest import API_KEY, serve_edge
 from tests.edge.test_events import Listener
+from tests.factories import count_status
 from tests.poolers import CHANGE_CHECK_INTERVAL, Arrangement
-from tests.remote_api import RemoteAPI, Reply, remote_api
+from tests.remote_api import Reply
 from tests.worker_harness import REPO, start_worker_process, wait_until
 from worker.config import Settings
 from worker.db import ConfigurationError, Connections, detect_pool_mode
@@ -39,34 +40,11 @@ DONE = Reply(json={"status": "done", "result": {"ok": True}})
 POOLER_URL = "postgresql://postgres.abcdefghij:s3cret@aws-0-eu-central-1.pooler.supabase.com"
 
 
-@pytest.fixture
-def remote() -> Iterator[RemoteAPI]:
-    with remote_api() as api:
-        yield api
-
-
-@pytest.fixture
-def workers() -> Iterator[list[subprocess.Popen]]:
-    """Worker processes started by a test; killed at its end if still running."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        process.stderr.close()
-
-
 def insert_tasks(conn: psycopg.Connection, urls: list[str]) -> list[str]:
     """One task a URL, polled every second while running, in one statement."""
     rows = conn.execute("insert into taskman.tasks (poll_url, poll_interval_seconds)"
                         " select unnest(%s::text[]), 1 returning task_id", (urls,)).fetchall()
     return [str(r["task_id"]) for r in rows]
-
-
-def count_status(conn: psycopg.Connection, status: str) -> int:
-    return conn.execute("select count(*) as n from taskman.tasks where status = %s",
-                        (status,)).fetchone()["n"]
 
 
 def taskman(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,6 @@ import itertools
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -14,19 +13,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tests.factories import create_task, events, task_row
-from tests.remote_api import RemoteAPI, Reply, remote_api
+from tests.remote_api import Reply, remote_api
 from tests.worker_harness import running_worker, wait_until
 from worker.devtools.pgcluster import Cluster, default_bin_dir
 from worker.migrate import migrate
 from worker.polling.loop import PeriodicJob
 
 DONE = Reply(json={"status": "done", "result": {"url": "https://files.example.com/r.pdf"}})
-
-
-@pytest.fixture
-def remote() -> Iterator[RemoteAPI]:
-    with remote_api() as api:
-        yield api
 
 
 def ended(conn: psycopg.Connection, task_id: str) -> dict:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.remote_api import RemoteAPI, Reply, remote_api
+from tests.remote_api import Reply
 from tests.worker_harness import start_worker_process, wait_until
 
 TASKS = 1_000
 LIMIT_MB = 300
-
-
-@pytest.fixture
-def remote() -> Iterator[RemoteAPI]:
-    with remote_api() as api:
-        yield api
 
 
 def rss_mb(pid: int) -> float:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 
 import httpx
 import psycopg
-import pytest
 
-from tests.remote_api import RemoteAPI, Reply, remote_api
+from tests.factories import count_status
+from tests.remote_api import Reply
 from tests.worker_harness import start_worker_process, wait_until
 from worker.devtools.pgcluster import free_port
 
@@ -21,34 +19,11 @@ DONE = Reply(json={"status": "done", "result": {"ok": True}})
 PATIENT = {"TASKMAN_POLL_TIMEOUT": "120", "TASKMAN_PER_HOST_CONCURRENCY": "50"}
 
 
-@pytest.fixture
-def remote() -> Iterator[RemoteAPI]:
-    with remote_api() as api:
-        yield api
-
-
-@pytest.fixture
-def workers() -> Iterator[list[subprocess.Popen]]:
-    """Worker processes started by a test; killed at its end if still running."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        process.stderr.close()
-
-
 def insert_tasks(conn: psycopg.Connection, urls: list[str]) -> list[str]:
     """Create one task a URL in one statement (one transaction, so one wake-up)."""
     rows = conn.execute("insert into taskman.tasks (poll_url) select unnest(%s::text[])"
                         " returning task_id", (urls,)).fetchall()
     return [str(r["task_id"]) for r in rows]
-
-
-def count_status(conn: psycopg.Connection, status: str) -> int:
-    return conn.execute("select count(*) as n from taskman.tasks where status = %s",
-                        (status,)).fetchone()["n"]
 
 
 def listening_workers(conn: psycopg.Connection) -> int:

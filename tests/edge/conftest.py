@@ -6,7 +6,6 @@ fresh user ids and asserts on its own tasks only.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -21,10 +20,9 @@ import jwt
 import psycopg
 import pytest
 import uvicorn
-from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from tests.conftest import TEMPLATE
+from tests.conftest import cloned_database
 from worker.config import Settings
 from worker.edge.app import create_app
 
@@ -61,14 +59,8 @@ class User:
 
 @pytest.fixture(scope="module")
 def edge_database_url(server_url: str) -> Iterator[str]:
-    name = f"taskman_edge_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"create database {name} template {TEMPLATE}")
-    try:
-        yield make_conninfo(server_url, dbname=name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f"drop database if exists {name} with (force)")
+    with cloned_database(server_url, "edge") as url:
+        yield url
 
 
 @contextmanager
