@@ -17,7 +17,7 @@ from tests.hostile_remote import Attack, HostileRemote, forever, hostile_remote,
 from tests.remote_api import RemoteAPI, Reply, remote_api
 from tests.worker_harness import worker_settings
 from worker.domain import ClaimedTask
-from worker.polling.poller import Poller, make_clients
+from worker.polling.poller import Poller, make_session
 
 GENERIC = json.dumps({"name": "generic", "status_path": "status", "completed_values": ["done"],
                       "running_values": ["running"], "pending_values": ["queued"],
@@ -43,12 +43,8 @@ def poll(url: str, *, method: str = "GET", body: Any = None, attempt_count: int 
     settings = worker_settings("postgresql://unused", **env)
 
     async def once() -> dict[str, Any]:
-        clients = make_clients(settings)
-        try:
-            return await Poller(clients, settings, "w1", rand=lambda: 0.5).poll(task)
-        finally:
-            for client in clients:
-                await client.aclose()
+        async with make_session(settings) as session:
+            return await Poller(session, settings, "w1", rand=lambda: 0.5).poll(task)
 
     return asyncio.run(once())
 
