@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -40,15 +41,16 @@ class Hit:
 class RemoteAPI:
     """Each path answers its scripted replies in turn, repeating the last; others get 404."""
 
-    def __init__(self, server: ThreadingHTTPServer) -> None:
+    def __init__(self, server: ThreadingHTTPServer, scheme: str = "http") -> None:
         self.server = server
         self.port = server.server_address[1]
+        self.scheme = scheme
         self._scripts: dict[str, list[Reply]] = {}
         self._hits: list[Hit] = []
         self._lock = threading.Lock()
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def script(self, path: str, *replies: Reply) -> str:
         """Answer `path` with `replies` in turn; returns its URL."""
@@ -104,11 +106,14 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def remote_api() -> Iterator[RemoteAPI]:
-    """Start a RemoteAPI in a thread; stop it afterwards."""
+def remote_api(tls: ssl.SSLContext | None = None) -> Iterator[RemoteAPI]:
+    """Start a RemoteAPI in a thread (HTTPS with `tls`, a server-side context); stop it
+    afterwards."""
     holder: list[RemoteAPI] = []
     server = _Server(("127.0.0.1", 0), _handler(holder))
-    holder.append(RemoteAPI(server))
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    holder.append(RemoteAPI(server, "https" if tls else "http"))
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
