@@ -16,9 +16,13 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import httpx
-import uvloop
 
 from bench.instant_remote import instant_remote
+
+try:  # optional: only for this comparison (pip install uvloop httpx-aiohttp)
+    import uvloop
+except ImportError:
+    uvloop = None  # type: ignore[assignment]
 
 Get = Callable[[str], Awaitable[None]]
 
@@ -64,8 +68,13 @@ async def _run(get: Get, base_url: str, count: int, concurrency: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-CLIENTS = {"httpx 0.28": _httpx, "httpx on httpx-aiohttp": _httpx_aiohttp,
-           "aiohttp": _aiohttp}
+CLIENTS = {"httpx": _httpx, "httpx on httpx-aiohttp": _httpx_aiohttp, "aiohttp": _aiohttp}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def main() -> None:
@@ -77,8 +86,13 @@ def main() -> None:
     print(f"GETs/s, {args.requests:,} GETs each, against an instant remote")
     print(f"  {'client':<34}" + "".join(f"{c:>9}" for c in levels))
     with instant_remote() as base_url:
+        loops: list[tuple[str, Callable[..., float]]] = [("asyncio", asyncio.run)]
+        if uvloop is not None:
+            loops.append(("uvloop", uvloop.run))
         for name, measure in CLIENTS.items():
-            for loop_name, run in (("asyncio", asyncio.run), ("uvloop", uvloop.run)):
+            if name == "httpx on httpx-aiohttp" and not _installed("httpx_aiohttp"):
+                continue
+            for loop_name, run in loops:
                 rates = [run(measure(base_url, args.requests, c)) for c in levels]
                 print(f"  {name + ', ' + loop_name:<34}" + "".join(f"{r:9.0f}" for r in rates),
                       flush=True)
