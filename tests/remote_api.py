@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -55,9 +56,12 @@ class Hit:
 class RemoteAPI:
     """The fake remote; see the module docstring."""
 
-    def __init__(self, default: Reply | None = NOT_FOUND) -> None:
+    def __init__(self, default: Reply | None = NOT_FOUND,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.default = default or Reply(404, {"error": "no such task"})
         self.port = 0
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self._scripts: dict[str, list[Reply]] = {}
         self._hits: list[Hit] = []
         self._lock = threading.Lock()
@@ -65,7 +69,7 @@ class RemoteAPI:
         self.start()
 
     def url(self, path: str = "", host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def script(self, path: str, *replies: Reply) -> str:
         """Answer `path` with `replies` in turn; returns its URL."""
@@ -102,6 +106,8 @@ class RemoteAPI:
     def start(self) -> None:
         """Listen (again, on the same port once it has one)."""
         self._server = _Server(("127.0.0.1", self.port), _handler(self))
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -160,9 +166,11 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def remote_api(default: Reply | None = NOT_FOUND) -> Iterator[RemoteAPI]:
-    """A RemoteAPI for the block; stopped afterwards."""
-    remote = RemoteAPI(default)
+def remote_api(default: Reply | None = NOT_FOUND,
+               tls: ssl.SSLContext | None = None) -> Iterator[RemoteAPI]:
+    """A RemoteAPI for the block (HTTPS with `tls`, a server-side context); stopped
+    afterwards."""
+    remote = RemoteAPI(default, tls)
     try:
         yield remote
     finally:

@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 
-from worker.remote import netguard
 from worker.remote.netguard import (
     BlockedURL,
-    GuardedTransport,
     NetworkPolicy,
     check_url,
+    guarded_session,
     is_blocked_address,
 )
 
@@ -71,15 +71,39 @@ def server() -> Iterator[LocalServer]:
     httpd.server_close()
 
 
-def get(url: str, policy: NetworkPolicy) -> httpx.Response:
-    async def main() -> httpx.Response:
-        transport = GuardedTransport(policy)
+@dataclass(frozen=True)
+class Got:
+    status_code: int
+    text: str
+
+
+class ScriptedResolver(AbstractResolver):
+    """A DNS server under the test's control: each lookup of a name gets the next answer
+    (the last one repeating), as a rebinding DNS server with TTL 0 would give them."""
+
+    def __init__(self, *answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.lookups: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: object = None) -> list[ResolveResult]:
+        self.lookups.append(host)
+        addresses = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return [{"hostname": host, "host": a, "port": port, "family": 0, "proto": 0,
+                 "flags": 0} for a in addresses]
+
+    async def close(self) -> None:
+        pass
+
+
+def get(url: str, policy: NetworkPolicy, resolver: AbstractResolver | None = None) -> Got:
+    async def main() -> Got:
         # A short timeout: if a refusal ever came too late, the test fails fast on a
         # connect timeout rather than hanging on an unroutable address.
-        async with httpx.AsyncClient(
-            transport=transport, follow_redirects=True, timeout=1.0, trust_env=False
-        ) as client:
-            return await client.get(url)
+        async with guarded_session(policy, timeout=aiohttp.ClientTimeout(total=1.0),
+                                   resolver=resolver) as session, \
+                session.get(url, allow_redirects=True) as response:
+            return Got(response.status, await response.text())
 
     return asyncio.run(main())
 
@@ -129,18 +153,47 @@ def test_allowed_hosts_match_ignoring_case(server: LocalServer) -> None:
     assert get(server.url("/ok", host="localhost"), policy).status_code == 200
 
 
-def test_host_with_any_private_address_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def resolve(request: httpx.Request) -> list[object]:
-        return [ip_address("93.184.215.14"), ip_address("10.1.2.3")]
+def test_host_with_any_private_address_is_refused_and_users_read_no_address() -> None:
+    resolver = ScriptedResolver(["93.184.215.14", "10.1.2.3"])
+    with pytest.raises(BlockedURL, match=r"mixed\.example resolves to a non-public address;") \
+            as refused:
+        get("http://mixed.example/", PUBLIC, resolver)
+    assert "10.1.2.3" not in str(refused.value)  # what users read
+    assert refused.value.detail == "mixed.example resolves to 10.1.2.3, a non-public address"
 
-    monkeypatch.setattr(netguard, "_resolve", resolve)
-    with pytest.raises(BlockedURL, match=r"mixed\.example resolves to a non-public address \(10"):
-        get("http://mixed.example/", PUBLIC)
+
+def test_the_address_checked_is_the_address_connected_to(server: LocalServer) -> None:
+    # A rebinding DNS server: a public address for the check, 127.0.0.1 for whoever asks
+    # next. The name is looked up once, and the connection goes to the checked address
+    # (which does not answer here), never to the local server behind the second answer.
+    resolver = ScriptedResolver(["93.184.215.14"], ["127.0.0.1"])
+    seen = len(server.paths)
+    with pytest.raises((aiohttp.ClientError, TimeoutError)):
+        get(f"http://rebind.example:{server.port}/ok", PUBLIC, resolver)
+    assert resolver.lookups == ["rebind.example"]
+    assert len(server.paths) == seen
+
+
+def test_a_name_resolving_to_loopback_first_is_refused_before_connecting(
+    server: LocalServer,
+) -> None:
+    resolver = ScriptedResolver(["127.0.0.1"], ["93.184.215.14"])
+    seen = len(server.paths)
+    with pytest.raises(BlockedURL, match=r"rebind\.example resolves to a non-public address"):
+        get(f"http://rebind.example:{server.port}/ok", PUBLIC, resolver)
+    assert len(server.paths) == seen
+
+
+def test_an_allowed_name_connects_to_what_it_resolves_to(server: LocalServer) -> None:
+    resolver = ScriptedResolver(["127.0.0.1"])
+    policy = NetworkPolicy(allowed_hosts=frozenset({"status.internal"}))
+    got = get(f"http://status.internal:{server.port}/ok", policy, resolver)
+    assert (got.status_code, got.text) == (200, "ok")
 
 
 def test_unresolvable_host_is_an_ordinary_network_error_not_a_refusal() -> None:
-    # ConnectError, or ConnectTimeout where no DNS server answers: both retried as transient.
-    with pytest.raises(httpx.TransportError, match=r"nothing\.invalid"):
+    # A DNS error (retried as transient by the poller), never a BlockedURL.
+    with pytest.raises(aiohttp.ClientConnectorError, match=r"nothing\.invalid"):
         get("http://nothing.invalid/", PUBLIC)
 
 

@@ -19,7 +19,12 @@ from tests.factories import USER_A, create_task, events
 from tests.remote_api import RemoteAPI, start_receiver
 from worker.config import Settings
 from worker.notify import OutboxDispatcher
-from worker.notify.completion_callbacks import callback_client, verify_signature
+from worker.notify.completion_callbacks import (
+    CallbackSender,
+    callback_client,
+    verify_signature,
+)
+from worker.notify.delivery import Delivery
 from worker.notify.outbox import DispatchSummary
 
 SECRET = "callback-secret-for-tests"
@@ -309,6 +314,34 @@ def test_callback_to_a_private_address_is_refused_by_the_network_policy(
     assert hook.hits() == []
     [event] = delivery_events(conn, task["task_id"])
     assert event["detail"]["reason"] == "blocked_by_network_policy"
+
+
+def test_a_callback_name_resolving_to_a_private_address_is_refused_on_the_connection(
+    conn, database_url, hook
+) -> None:
+    task = create_task(conn, callback_url=hook.url(host="localhost"))
+    end_task(conn, task["task_id"], "completed")
+
+    summary = dispatch(database_url, make_settings(TASKMAN_ALLOW_PRIVATE_NETWORKS=False))
+
+    assert summary.given_up == 1
+    assert hook.hits() == []
+    [event] = delivery_events(conn, task["task_id"])
+    assert event["detail"]["reason"] == "blocked_by_network_policy"
+    row = conn.execute("select last_error from taskman_private.outbox").fetchone()
+    assert "localhost resolves to" in row["last_error"]  # the address, for the service
+
+
+@pytest.mark.parametrize("host", ["a..example", "x" * 64 + ".example"])
+def test_a_callback_host_name_no_resolver_can_encode_is_given_up(host) -> None:
+    # The database refuses such URLs at creation; rows stored before that check remain.
+    async def deliver() -> Delivery:
+        async with callback_client(make_settings(TASKMAN_ALLOW_PRIVATE_NETWORKS=False)) as http:
+            return await CallbackSender(http, SECRET).deliver(
+                1, {"callback_url": f"http://{host}/hook", "status": "completed"})
+
+    delivery = asyncio.run(deliver())
+    assert (delivery.outcome, delivery.reason) == ("given_up", "invalid_url")
 
 
 def test_concurrent_dispatchers_deliver_each_callback_once(conn, database_url, hook) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from tests.hostile_remote import Attack, HostileRemote, forever, hostile_remote, once, response
-from tests.remote_api import Reply
+from tests.remote_api import Reply, remote_api
 from tests.worker_harness import worker_settings
 from worker.domain import ClaimedTask
-from worker.polling.poller import Poller, make_clients
+from worker.polling.poller import Poller, make_session
 
 GENERIC = json.dumps({"name": "generic", "status_path": "status", "completed_values": ["done"],
                       "running_values": ["running"], "pending_values": ["queued"],
@@ -37,12 +37,8 @@ def poll(url: str, *, method: str = "GET", body: Any = None, attempt_count: int 
     settings = worker_settings("postgresql://unused", **env)
 
     async def once() -> dict[str, Any]:
-        clients = make_clients(settings)
-        try:
-            return await Poller(clients, settings, "w1", rand=lambda: 0.5).poll(task)
-        finally:
-            for client in clients:
-                await client.aclose()
+        async with make_session(settings) as session:
+            return await Poller(session, settings, "w1", rand=lambda: 0.5).poll(task)
 
     return asyncio.run(once())
 
@@ -180,3 +176,114 @@ def test_a_claim_the_poller_cannot_handle_fails_its_task_with_a_message(remote) 
 def _then_forever(first: bytes, chunk: bytes) -> Iterator[bytes]:
     yield first
     yield from forever(chunk)
+
+
+# What the poller guarantees whatever HTTP client it uses ---------------------------------
+
+
+def test_a_refused_address_reads_neutrally_and_keeps_the_address_for_the_service(
+        remote) -> None:
+    outcome = poll(remote.script("/private", Reply(json={"status": "done"})).replace(
+        "127.0.0.1", "localhost"), TASKMAN_ALLOW_PRIVATE_NETWORKS="false")
+    assert (outcome["status"], outcome["error_code"], outcome["reason"]) == (
+        "failed", "poll_error", "blocked_by_network_policy")
+    assert outcome["error_message"].startswith("localhost resolves to a non-public address;")
+    assert "127.0.0.1" not in outcome["error_message"] and "::1" not in outcome["error_message"]
+    assert "127.0.0.1" in outcome["raw_error"] or "::1" in outcome["raw_error"]
+    assert remote.hits("/private") == []
+
+
+def test_a_redirect_is_checked_on_every_hop(remote) -> None:
+    # 127.0.0.1 is allowed, localhost (where the redirect points) is not.
+    url = remote.script("/hop", Reply(302, headers={"Location": "http://localhost:{port}/in"}))
+    remote.script("/in", Reply(json={"status": "done"}))
+    outcome = poll(url, TASKMAN_ALLOW_PRIVATE_NETWORKS="false",
+                   TASKMAN_ALLOWED_HOSTS="127.0.0.1")
+    assert (outcome["error_code"], outcome["reason"]) == ("poll_error",
+                                                          "blocked_by_network_policy")
+    assert len(remote.hits("/hop")) == 1 and remote.hits("/in") == []
+
+
+def test_a_redirect_to_another_origin_drops_the_tasks_headers(remote) -> None:
+    with remote_api() as other:
+        target = other.script("/result", Reply(json={"status": "done", "result": 2}))
+        url = remote.script("/go", Reply(307, headers={"Location": target}))
+        outcome = poll(url, headers={"Authorization": "Bearer secret"})
+        (hit,) = other.hits("/result")
+    assert (outcome["status"], outcome["result"]) == ("completed", 2)
+    assert remote.hits("/go")[0].headers["Authorization"] == "Bearer secret"
+    assert "Authorization" not in hit.headers
+
+
+@pytest.mark.parametrize("host", ["a..example", "x" * 64 + ".example", ".example"])
+def test_a_host_name_no_resolver_can_encode_fails_its_task(host) -> None:
+    outcome = poll(f"http://{host}/status", TASKMAN_ALLOW_PRIVATE_NETWORKS="false")
+    assert (outcome["ok"], outcome["status"], outcome["error_code"], outcome["reason"]) == (
+        False, "failed", "poll_error", "invalid_url")
+    assert "not valid" in outcome["error_message"]
+
+
+def test_a_remote_that_does_not_answer_in_time_is_a_timeout(remote) -> None:
+    url = remote.script("/late", Reply(json={"status": "done"}, delay=3))
+    started = time.monotonic()
+    outcome = poll(url, TASKMAN_POLL_TIMEOUT="0.5")
+    assert time.monotonic() - started < 2
+    assert (outcome["ok"], outcome.get("status"), outcome["reason"]) == (False, None, "timeout")
+
+
+def test_an_answer_over_the_cap_is_not_read_to_its_end() -> None:
+    endless = Attack(lambda: _then_forever(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n", b"x" * 65536))
+    with hostile_remote() as remote:
+        started = time.monotonic()
+        outcome = poll(remote.attack("/endless", endless), TASKMAN_MAX_RESPONSE_BYTES="1048576")
+    assert time.monotonic() - started < 5
+    assert (outcome["reason"], outcome["error_code"]) == ("response_too_large",
+                                                         "invalid_response")
+
+
+def test_proxies_from_the_environment_are_not_used(remote, monkeypatch) -> None:
+    with remote_api() as proxy:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url(""))
+        outcome = poll(remote.script("/direct", Reply(json={"status": "done"})))
+        assert proxy._hits == []
+    assert outcome["status"] == "completed" and len(remote.hits("/direct")) == 1
+
+
+def test_certificates_are_verified(tmp_path) -> None:
+    with remote_api(tls=_self_signed(tmp_path)) as remote:
+        outcome = poll(remote.script("/tls", Reply(json={"status": "done"})))
+        assert remote.hits("/tls") == []  # no request was sent over the unverified connection
+    assert (outcome["ok"], outcome.get("status"), outcome["reason"]) == (
+        False, None, "connection_error")
+    assert "certificate verify failed" in outcome["raw_error"]
+
+
+def _self_signed(directory: Any) -> Any:
+    """A server-side TLS context with a fresh self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context

@@ -327,3 +327,23 @@ def test_a_remote_that_always_says_now_gets_at_most_one_poll_a_second(
     hits = [h.at for h in remote.hits("/hot")]
     assert 3 <= len(hits) <= 5
     assert all(b - a >= 0.95 for a, b in itertools.pairwise(hits))
+
+
+def test_polls_to_one_host_stay_within_its_limit_while_other_hosts_go_on(
+        conn, database_url, remote) -> None:
+    slow = remote.script("/slow", Reply(json={"status": "done"}, delay=0.4))
+    fast = remote.script("/fast", Reply(json={"status": "done"}))
+    slow_ids = [create_task(conn, poll_url=slow)["task_id"] for _ in range(6)]
+    # The same server under another name: another host as far as limits go.
+    fast_ids = [create_task(conn, poll_url=fast.replace("127.0.0.1", "localhost"))["task_id"]
+                for _ in range(6)]
+    with running_worker(database_url, TASKMAN_PER_HOST_CONCURRENCY="2"):
+        for task_id in slow_ids + fast_ids:
+            ended(conn, task_id)
+    arrivals = sorted(hit.at for hit in remote.hits("/slow"))
+    assert len(arrivals) == 6
+    # At most two polls to the slow host at a time: each third poll waited for a slot.
+    assert all(later - earlier >= 0.35
+               for earlier, later in zip(arrivals, arrivals[2:], strict=False))
+    fast_done = max(hit.at for hit in remote.hits("/fast"))
+    assert fast_done < arrivals[-1]  # the other host did not queue behind the slow one

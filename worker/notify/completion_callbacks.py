@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+import aiohttp
 
 from worker.config import Settings
 from worker.notify.delivery import Delivery
 from worker.remote.backoff import parse_retry_after
-from worker.remote.netguard import BlockedURL, GuardedTransport, NetworkPolicy
+from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 
 SIGNATURE_HEADER = "X-Taskman-Signature"
 TIMESTAMP_HEADER = "X-Taskman-Timestamp"
@@ -66,29 +66,31 @@ def callback_body(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def callback_client(settings: Settings) -> httpx.AsyncClient:
-    """An httpx client for callbacks that obeys the worker's network policy (no private
-    addresses unless allowed), does not follow redirects and ignores proxy variables."""
+def callback_client(settings: Settings) -> aiohttp.ClientSession:
+    """A session for callbacks that obeys the worker's network policy (no private
+    addresses unless allowed, checked on the address connected to) and ignores proxy
+    variables. Use it as ``async with callback_client(settings) as http``, inside the
+    event loop that sends."""
     policy = NetworkPolicy(
         allow_private=settings.allow_private_networks, allowed_hosts=settings.allowed_hosts
     )
-    return httpx.AsyncClient(
-        transport=GuardedTransport(policy),
-        trust_env=False,
-        follow_redirects=False,
-        timeout=settings.callback_timeout_seconds,
+    return guarded_session(
+        policy, limit=settings.concurrency,
+        timeout=aiohttp.ClientTimeout(total=settings.callback_timeout_seconds),
+        # Error answers are kept as their first bytes, never decompressed.
+        headers={"Accept-Encoding": "identity"},
     )
 
 
 class CallbackSender:
-    """POSTs callbacks with an httpx client the caller provides.
+    """POSTs callbacks with a session the caller provides.
 
-    Build the client with worker.remote.netguard's GuardedTransport (and ``trust_env=False``)
-    so callback URLs, which users choose, obey the same network policy as polls.
-    Without a secret, callbacks go out unsigned.
+    Build it with ``callback_client`` (worker.remote.netguard's guarded_session) so
+    callback URLs, which users choose, obey the same network policy as polls. Redirects
+    are not followed. Without a secret, callbacks go out unsigned.
     """
 
-    def __init__(self, http: httpx.AsyncClient, secret: str | None) -> None:
+    def __init__(self, http: aiohttp.ClientSession, secret: str | None) -> None:
         self._http = http
         self._secret = secret
 
@@ -114,34 +116,38 @@ class CallbackSender:
             headers[SIGNATURE_HEADER] = sign(self._secret, timestamp, body)
         started = time.perf_counter()
         try:
-            async with self._http.stream("POST", url, content=body, headers=headers) as response:
-                excerpt = b"" if response.is_success else await _first_bytes(response)
+            async with self._http.post(url, data=body, headers=headers,
+                                       allow_redirects=False) as response:
+                status = response.status
+                excerpt = b"" if 200 <= status < 300 else await _first_bytes(response)
+                retry_after = response.headers.get("retry-after")
         except BlockedURL as exc:
-            return Delivery("given_up", reason="blocked_by_network_policy", error=str(exc))
-        except httpx.TimeoutException as exc:
+            return Delivery("given_up", reason="blocked_by_network_policy", error=exc.detail)
+        except (InvalidHostName, aiohttp.InvalidURL, ValueError) as exc:
+            return Delivery("given_up", reason="invalid_url",
+                            error=f"the callback URL is not valid: {exc}"[:500])
+        except TimeoutError as exc:
             return Delivery("failed", reason="timeout", error=f"timeout: {exc}")
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             return Delivery("failed", reason="connection_error", error=error)
         latency_ms = (time.perf_counter() - started) * 1000
-        if response.is_success:
-            return Delivery("delivered", http_status=response.status_code, latency_ms=latency_ms)
+        if 200 <= status < 300:
+            return Delivery("delivered", http_status=status, latency_ms=latency_ms)
         return Delivery(
             "failed",
             reason="http_status",
-            http_status=response.status_code,
+            http_status=status,
             latency_ms=latency_ms,
-            retry_after_seconds=parse_retry_after(
-                response.headers.get("retry-after"), datetime.now(UTC)
-            ),
-            error=f"HTTP {response.status_code}: {excerpt.decode(errors='replace')}",
+            retry_after_seconds=parse_retry_after(retry_after, datetime.now(UTC)),
+            error=f"HTTP {status}: {excerpt.decode(errors='replace')}",
         )
 
 
-async def _first_bytes(response: httpx.Response) -> bytes:
+async def _first_bytes(response: aiohttp.ClientResponse) -> bytes:
     """The start of an error answer, without reading a large body to its end."""
     kept = b""
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_chunked(KEPT_ERROR_BODY):
         kept += chunk
         if len(kept) >= KEPT_ERROR_BODY:
             break

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import httpx
+import aiohttp
 import psycopg
 
 from worker import store
@@ -76,7 +76,7 @@ class OutboxDispatcher:
     Delivery is at least once: receivers can deduplicate on ``X-Taskman-Delivery``.
     """
 
-    def __init__(self, settings: Settings, worker_id: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession) -> None:
         self.worker_id = worker_id
         self._settings = settings
         self._slack = SlackAlerter.from_settings(settings)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -40,7 +40,7 @@ from worker import db, store
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome
 from worker.polling.metrics import WorkerMetrics
-from worker.polling.poller import Poller, make_clients
+from worker.polling.poller import Poller, make_session
 from worker.remote import backoff
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,9 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.jobs = [PeriodicJob("expire_overdue_tasks", SWEEP_INTERVAL_SECONDS,
                                  self.expire_overdue_tasks), *jobs]
-        # The pool, clients and poller exist while run() runs, inside its event loop.
+        # The pool, HTTP session and poller exist while run() runs, inside its event loop.
         self._pool: AsyncConnectionPool
-        self._clients: list[httpx.AsyncClient]
+        self._http: aiohttp.ClientSession
         self._poller: Poller
         self._hosts = _HostLimits(settings.per_host_concurrency)
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
@@ -134,8 +134,8 @@ class Worker:
             kwargs={"autocommit": True, "application_name": "taskman-worker",
                     **self.connections.connection_kwargs},
         )
-        self._clients = make_clients(self.settings)
-        self._poller = Poller(self._clients, self.settings, self.worker_id)
+        self._http = make_session(self.settings)
+        self._poller = Poller(self._http, self.settings, self.worker_id)
         await self._pool.open(wait=False)
         background = [asyncio.create_task(self._claim_loop(), name="claim")]
         if self.connections.listen_conninfo is not None:
@@ -165,8 +165,7 @@ class Worker:
         finally:
             stopping.cancel()
             recorder.cancel()
-            for client in self._clients:
-                await client.aclose()
+            await self._http.close()
             await self._pool.close(SHUTDOWN_DB_SECONDS)
         log.info("worker %s stopped", self.worker_id)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-import httpx
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome
@@ -19,7 +21,7 @@ from worker.polling.profile_cache import ProfileCache
 from worker.remote import backoff
 from worker.remote.bodies import ACCEPT_ENCODING, ResponseTooLarge, UndecodableBody, read_capped
 from worker.remote.headers import headers_problem
-from worker.remote.netguard import BlockedURL, GuardedTransport, NetworkPolicy
+from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 from worker.remote.profiles import ProfileError, ReadingTooCostly, ResponseProfile, read_response
 
 log = logging.getLogger(__name__)
@@ -28,47 +30,47 @@ MAX_REDIRECTS = 5
 # What record_poll_results keeps of a raw body; sending more would only be cut there.
 MAX_RAW_RESPONSE = 65_536
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Read size: a body arrives in as many chunks as the network delivers, at most this large.
+_CHUNK = 65_536
 
 
 class RequestNotSendable(Exception):
     """The task's request cannot be built or sent as stored (e.g. a header HTTP cannot carry)."""
 
 
-# httpcore's connection pool scans all its connections on every request and response, so
-# one pool of N busy connections costs O(N) CPU per poll: at 100 connections that is most
-# of the worker's time. Polls are spread round-robin over several clients instead, each
-# with about this many connections busy at a time.
-CONNECTIONS_PER_CLIENT = 16
+class TooManyRedirects(Exception):
+    """The status URL redirected more than MAX_REDIRECTS times."""
 
 
-def make_clients(settings: Settings) -> list[httpx.AsyncClient]:
-    """The clients polls share: keep-alive connections, every hop checked by the network policy.
+@dataclass(frozen=True)
+class Answer:
+    """The final answer to a poll: status, headers (case-insensitive) and decoded body."""
 
-    Each may open up to ``concurrency`` connections, so an unlucky share of slow polls on one
-    client never queues behind its pool. Redirects are followed by the Poller, not httpx,
-    so that it can drop the task's headers (often an API key) when a redirect leaves the
-    origin.
+    status_code: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    """The aiohttp session all polls share: keep-alive connections, up to ``concurrency``
+    of them, every connection and every redirect hop checked by the network policy.
+
+    Redirects are followed by the Poller, not aiohttp, so that it can drop the task's
+    headers (often an API key) when a redirect leaves the origin. Per-host limits are the
+    worker's (``per_host_concurrency``), not the connector's. Needs a running event loop.
     """
     policy = NetworkPolicy(settings.allow_private_networks, settings.allowed_hosts)
-    limits = httpx.Limits(
-        max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+    seconds = settings.poll_timeout_seconds
+    return guarded_session(
+        policy,
+        limit=settings.concurrency,
+        # Each of connecting and every read within it; the whole poll (redirects
+        # included) is bounded by the same figure in Poller._poll.
+        timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),
+        headers={"User-Agent": "taskman", "Accept": "application/json",
+                 "Accept-Encoding": ACCEPT_ENCODING},
     )
-    return [
-        httpx.AsyncClient(
-            transport=GuardedTransport(policy, limits=limits),
-            trust_env=False,  # environment proxies would bypass the guarded transport
-            follow_redirects=False,
-            timeout=settings.poll_timeout_seconds,
-            headers={"User-Agent": "taskman", "Accept": "application/json",
-                     "Accept-Encoding": ACCEPT_ENCODING},
-        )
-        for _ in range(client_count(settings.concurrency))
-    ]
-
-
-def client_count(concurrency: int) -> int:
-    """How many clients make_clients makes for `concurrency` polls at a time."""
-    return -(-concurrency // CONNECTIONS_PER_CLIENT)
 
 
 class Poller:
@@ -76,12 +78,12 @@ class Poller:
 
     def __init__(
         self,
-        clients: Sequence[httpx.AsyncClient],
+        session: aiohttp.ClientSession,
         settings: Settings,
         worker_id: str,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._clients = itertools.cycle(clients)
+        self._session = session
         self.settings = settings
         self.worker_id = worker_id
         self.rand = rand
@@ -109,15 +111,16 @@ class Poller:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.poll_timeout_seconds):
-                response, body = await self._fetch(task)
+                answer = await self._fetch(task)
         except BlockedURL as exc:
-            return _failed("poll_error", "blocked_by_network_policy", str(exc))
-        except httpx.InvalidURL as exc:
+            return _failed("poll_error", "blocked_by_network_policy", str(exc),
+                           raw_error=exc.detail)
+        except (InvalidHostName, aiohttp.InvalidURL) as exc:
             return _failed("poll_error", "invalid_url", f"the URL is not valid: {exc}")
-        except httpx.TooManyRedirects:
+        except TooManyRedirects:
             return _failed("poll_error", "redirect_loop",
                            f"the status URL redirected more than {MAX_REDIRECTS} times")
-        except (RequestNotSendable, httpx.LocalProtocolError) as exc:
+        except RequestNotSendable as exc:
             # What Taskman would send is not valid HTTP: sending it again will not help.
             return _failed("poll_error", "invalid_request",
                            f"the request could not be sent: {exc}")
@@ -126,60 +129,64 @@ class Poller:
             return self._retry(task, "response_too_large", raw, unreadable=True)
         except UndecodableBody as exc:
             return self._retry(task, "undecodable_body", str(exc), unreadable=True)
-        except (httpx.TimeoutException, TimeoutError) as exc:
+        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
             raw = str(exc) or "no answer within the poll timeout"
             return self._retry(task, "timeout", f"{type(exc).__name__}: {raw}")
-        except httpx.RequestError as exc:
-            return self._retry(task, "connection_error", f"{type(exc).__name__}: {exc}")
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._retry(task, "connection_error", _network_error(exc))
         latency: PollOutcome = {"latency_ms": (time.perf_counter() - started) * 1000}
-        return latency | self._interpret(task, profile, response, body)
+        return latency | self._interpret(task, profile, answer)
 
-    async def _fetch(self, task: ClaimedTask) -> tuple[httpx.Response, bytes]:
+    async def _fetch(self, task: ClaimedTask) -> Answer:
         """Send the task's request and follow redirects, reading at most max_response_bytes."""
-        client = next(self._clients)
-        method, url = task.poll_method, httpx.URL(task.poll_url)
+        method, url = task.poll_method, _url(task.poll_url)
         headers, body = task.poll_headers, task.poll_body
         if headers and (problem := headers_problem(headers)):
             raise RequestNotSendable(problem)
         for _ in range(MAX_REDIRECTS + 1):
             sent = headers
-            if body is not None and not any(k.lower() == "content-type" for k in headers):
-                sent = {**headers, "Content-Type": "application/json"}
+            data = None
+            if body is not None:
+                data = body.encode()
+                if not any(k.lower() == "content-type" for k in headers):
+                    sent = {**headers, "Content-Type": "application/json"}
             try:
-                request = client.build_request(method, url, headers=sent, content=body)
-            except (ValueError, TypeError) as exc:  # e.g. a value httpx cannot encode
+                response = await self._session.request(
+                    method, url, headers=sent, data=data, allow_redirects=False)
+            except (ValueError, TypeError) as exc:  # e.g. a method aiohttp cannot send
+                if isinstance(exc, aiohttp.ClientError):
+                    raise
                 raise RequestNotSendable(str(exc)) from None
-            response = await client.send(request, stream=True)
             try:
-                if not response.is_redirect:
-                    return response, await read_capped(
-                        response, self.settings.max_response_bytes)
+                location = response.headers.get("location")
+                if response.status not in _REDIRECTS or location is None:
+                    body_read = await read_capped(response.headers,
+                                                  response.content.iter_chunked(_CHUNK),
+                                                  self.settings.max_response_bytes)
+                    return Answer(response.status, response.headers, body_read)
             finally:
-                await response.aclose()
-            target = url.join(response.headers["location"])
+                response.release()
+            target = url.join(_url(location))
             if _origin(target) != _origin(url):
                 headers = {}  # the task's headers are for its own API, not for wherever it points
-            if response.status_code == 303 or (
-                response.status_code in (301, 302) and method == "POST"
-            ):
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                 method, body = "GET", None
             url = target
-        raise httpx.TooManyRedirects("too many redirects", request=request)
+        raise TooManyRedirects
 
-    def _interpret(
-        self, task: ClaimedTask, profile: ResponseProfile, response: httpx.Response, body: bytes
-    ) -> PollOutcome:
-        code = response.status_code
+    def _interpret(self, task: ClaimedTask, profile: ResponseProfile, answer: Answer
+                   ) -> PollOutcome:
+        code, body = answer.status_code, answer.body
         raw = body[:MAX_RAW_RESPONSE].decode("utf-8", "replace").replace("\x00", "\ufffd")
         seen: PollOutcome = {"http_status": code, "raw_response": raw}
         if backoff.is_transient_status(code):
-            wait = _retry_after(response) if code in (429, 503) else None
+            wait = _retry_after(answer) if code in (429, 503) else None
             return seen | self._retry(task, "http_status", f"HTTP {code}", wait=wait)
         if 400 <= code < 500:
             message = f"The status endpoint refused the request (HTTP {code})."
             return seen | _failed("poll_error", "http_status", message, raw_error=f"HTTP {code}")
         try:
-            reading = read_response(profile, code, response.headers, body,
+            reading = read_response(profile, code, answer.headers, body,
                                     self.settings.expression_budget)
         except ReadingTooCostly as exc:
             message = (f"The answer could not be read within Taskman's evaluation budget: "
@@ -197,7 +204,7 @@ class Poller:
             return {**seen, **progress, "ok": True, "status": "failed",
                     "error_code": "remote_failed", "raw_error": reading.error_detail}
         # The remote's hint (Retry-After on a 202) may shorten the wait, down to the floor.
-        wait = _retry_after(response) if code == 202 else None
+        wait = _retry_after(answer) if code == 202 else None
         if reading.state == "running":
             if wait is None:
                 wait = backoff.running_interval(
@@ -244,9 +251,32 @@ def _failed(
             "error_message": message, "raw_error": raw_error or message}
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    return backoff.parse_retry_after(response.headers.get("retry-after"), datetime.now(UTC))
+def _retry_after(answer: Answer) -> float | None:
+    return backoff.parse_retry_after(answer.headers.get("retry-after"), datetime.now(UTC))
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+def _url(text: str) -> URL:
+    """`text` as a URL; yarl keeps it as written (encoded=True would refuse nothing)."""
+    try:
+        return URL(text)
+    except (ValueError, TypeError) as exc:
+        raise aiohttp.InvalidURL(text[:200], str(exc)) from None
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
     return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+# Names operators already query raw_error by (they were httpx's), for aiohttp's errors.
+_ERROR_NAMES: tuple[tuple[type[BaseException], str], ...] = (
+    (aiohttp.ClientConnectorError, "ConnectError"),
+    (aiohttp.ServerDisconnectedError, "RemoteProtocolError"),
+    (aiohttp.ClientPayloadError, "RemoteProtocolError"),
+    (aiohttp.ClientResponseError, "RemoteProtocolError"),
+)
+
+
+def _network_error(exc: BaseException) -> str:
+    """`exc` for raw_error: a stable kind, then what went wrong."""
+    name = next((n for kind, n in _ERROR_NAMES if isinstance(exc, kind)), type(exc).__name__)
+    return f"{name}: {exc}"

@@ -1,8 +1,9 @@
 """Reading an answer's body within a size cap, decompressing without holding more than the cap.
 
-httpx decompresses each network chunk whole: 64 KiB of gzip can become 64 MiB in one
-step before any cap is checked. Here each step may produce at most what is left of the
-cap (plus one byte, to notice going over), so a compression bomb costs no more memory
+HTTP clients decompress each network chunk whole: 64 KiB of gzip can become 64 MiB in one
+step before any cap is checked, so the worker's sessions leave bodies compressed
+(``auto_decompress=False``) and decode them here. Here each step may produce at most what
+is left of the cap (plus one byte, to notice going over), so a compression bomb costs no more memory
 than an honest answer of the largest accepted size. Polls ask for gzip and deflate only
 (ACCEPT_ENCODING); any other coding is refused as unreadable.
 """
@@ -10,8 +11,7 @@ than an honest answer of the largest accepted size. Polls ask for gzip and defla
 from __future__ import annotations
 
 import zlib
-
-import httpx
+from collections.abc import AsyncIterable, Mapping
 
 ACCEPT_ENCODING = "gzip, deflate"
 
@@ -59,19 +59,22 @@ def _layers(content_encoding: str) -> list[_Inflater]:
     return [_Inflater(c) for c in reversed(codings)]
 
 
-async def read_capped(response: httpx.Response, limit: int) -> bytes:
-    """The decoded body of `response` (opened with ``stream=True``), at most `limit` bytes.
+async def read_capped(
+    headers: Mapping[str, str], raw_chunks: AsyncIterable[bytes], limit: int
+) -> bytes:
+    """The decoded body of an answer with `headers`, read from `raw_chunks` (the bytes as
+    sent, still compressed), at most `limit` bytes.
 
-    Raises ResponseTooLarge as soon as the body (decoded) would pass `limit`, and
-    UndecodableBody for an unsupported or corrupt Content-Encoding.
+    Raises ResponseTooLarge as soon as the body (decoded) would pass `limit`, without
+    reading further, and UndecodableBody for an unsupported or corrupt Content-Encoding.
     """
-    declared = response.headers.get("content-length", "")
+    declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ResponseTooLarge
-    layers = _layers(response.headers.get("content-encoding", ""))
+    layers = _layers(headers.get("content-encoding", ""))
     chunks: list[bytes] = []
     size = 0
-    async for raw in response.aiter_raw():
+    async for raw in raw_chunks:
         data = raw
         for layer in layers:
             data = layer.feed(data, limit - size)

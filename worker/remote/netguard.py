@@ -1,15 +1,35 @@
-"""SSRF protection: refuse poll requests to loopback, private and other non-public addresses."""
+"""SSRF protection: refuse requests to loopback, private and other non-public addresses.
+
+Two parts, both inside one aiohttp session (``guarded_session``):
+
+- ``GuardedResolver`` is the session's resolver: aiohttp connects only to what it returns,
+  so the addresses checked are the addresses connected to. A name is resolved once, every
+  address it resolves to is checked, and one non-public address refuses the name. There is
+  no second lookup between the check and the connection, so a DNS answer that changes in
+  between (rebinding, TTL 0) cannot slip through. TLS (SNI, certificate) and the Host
+  header still use the name, as aiohttp does for any resolver.
+- ``check_url`` runs as a session middleware on every request, redirect hops included: plain
+  http(s), no user info, and IP literals checked (aiohttp never resolves those).
+
+Sessions are built with ``trust_env=False``: a proxy from the environment would connect
+in the guard's place.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-import httpx
+import aiohttp
+import certifi
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 _PRIVATE_HINT = (
     "private networks are not allowed "
@@ -18,11 +38,22 @@ _PRIVATE_HINT = (
 
 
 class BlockedURL(Exception):
-    """A URL the network policy refuses; the message is safe to show to users.
+    """A URL the network policy refuses.
 
-    Deliberately not an httpx.TransportError: a refusal is final, and must not be taken
-    for a network error worth retrying.
+    ``str()`` is a neutral sentence safe to show to users; ``detail`` says more for the
+    service's own records (``raw_error``), e.g. which address a name resolved to.
+    Deliberately not an aiohttp.ClientError: a refusal is final, and must not be taken for
+    a network error worth retrying.
     """
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
+class InvalidHostName(Exception):
+    """A host name no resolver can look up (an empty label, a label over 63 characters,
+    ...); the message is safe to show to users."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +72,7 @@ class NetworkPolicy:
 
     def exempts(self, host: str) -> bool:
         """Whether `host` may be reached even if it is or resolves to a non-public address."""
-        return self.allow_private or host.lower() in self.allowed_hosts
+        return self.allow_private or host.lower().rstrip(".") in self.allowed_hosts
 
 
 def is_blocked_address(ip: IPv4Address | IPv6Address) -> bool:
@@ -58,72 +89,101 @@ def is_blocked_address(ip: IPv4Address | IPv6Address) -> bool:
     return ip.is_multicast or ip.is_reserved or not ip.is_global
 
 
-def check_url(url: str | httpx.URL, policy: NetworkPolicy) -> None:
+def check_url(url: str | URL, policy: NetworkPolicy) -> None:
     """Refuse, with BlockedURL, a URL that is not plain http(s) or names a blocked IP literal.
 
-    Host names are not resolved here; GuardedTransport checks what they resolve to.
+    Host names are not resolved here; GuardedResolver checks what they resolve to.
     """
     try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
+        parsed = url if isinstance(url, URL) else URL(url)
+        host = parsed.raw_host
+    except (ValueError, TypeError) as exc:
         raise BlockedURL(f"the URL is not valid: {exc}") from None
     if parsed.scheme not in ("http", "https"):
         raise BlockedURL(f"only http and https URLs are allowed, not {parsed.scheme or 'none'!r}")
-    if not parsed.host:
+    if not host:
         raise BlockedURL("the URL has no host")
-    if parsed.userinfo:
+    if parsed.raw_user is not None or parsed.raw_password is not None:
         raise BlockedURL("URLs with a user name or password are not allowed; use poll_headers")
-    ip = _ip_literal(parsed.raw_host.decode("ascii"))
-    if ip is not None and is_blocked_address(ip) and not policy.exempts(parsed.host):
+    ip = _ip_literal(host)
+    if ip is not None and is_blocked_address(ip) and not policy.exempts(host):
         raise BlockedURL(f"{parsed.host} is a non-public address; {_PRIVATE_HINT}")
 
 
-class GuardedTransport(httpx.AsyncHTTPTransport):
-    """An httpx transport that refuses requests to hosts resolving to non-public addresses.
+class GuardedResolver(AbstractResolver):
+    """Resolves a name once and refuses it (BlockedURL) if any address is non-public.
 
-    httpx sends every redirect hop through the transport, so redirects are checked too.
-    Build the client with `trust_env=False`: proxies from the environment are mounted as
-    transports of their own and would bypass this one. Needs an asyncio event loop.
+    aiohttp connects only to the addresses a connector's resolver returns, so with this as
+    the resolver the checked addresses are the ones connected to. Exempt hosts (the
+    policy's) are resolved without the check. `inner` does the lookups (default: the
+    system's, through getaddrinfo in a thread).
     """
 
-    def __init__(self, policy: NetworkPolicy, **kwargs: Any) -> None:
-        """`kwargs` go to httpx.AsyncHTTPTransport (verify, limits, retries, ...)."""
-        super().__init__(**kwargs)
+    def __init__(self, policy: NetworkPolicy, inner: AbstractResolver | None = None) -> None:
         self.policy = policy
+        self._inner = inner or aiohttp.ThreadedResolver()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        check_url(request.url, self.policy)
-        if not self.policy.exempts(request.url.host):
-            # Residual window: httpcore resolves the name again when it connects, so a DNS
-            # server answering differently within milliseconds (TTL 0 rebinding) could still
-            # slip through. Pinning the checked IP by rewriting the URL (plus sni_hostname)
-            # is not done: httpcore would pool connections by IP, and HTTPS requests for two
-            # names sharing an address (any CDN) would reuse one TLS session and its SNI.
-            for ip in await _resolve(request):
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        try:
+            answers = await self._inner.resolve(host, port, family)
+        except UnicodeError:  # the idna codec: empty label, label too long, ...
+            raise InvalidHostName(f"the URL's host name {host[:100]!r} is not valid") from None
+        if not self.policy.exempts(host):
+            for answer in answers:
+                ip = ipaddress.ip_address(answer["host"])
                 if is_blocked_address(ip):
                     raise BlockedURL(
-                        f"{request.url.host} resolves to a non-public address ({ip}); "
-                        f"{_PRIVATE_HINT}"
+                        f"{host} resolves to a non-public address; {_PRIVATE_HINT}",
+                        detail=f"{host} resolves to {ip}, a non-public address",
                     )
-        return await super().handle_async_request(request)
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
-async def _resolve(request: httpx.Request) -> list[IPv4Address | IPv6Address]:
-    """Every address the request's host resolves to, within the connect timeout."""
-    host = request.url.raw_host.decode("ascii")
-    timeout = request.extensions.get("timeout", {}).get("connect")
-    try:
-        async with asyncio.timeout(timeout):
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, None, type=socket.SOCK_STREAM
-            )
-    except TimeoutError:
-        raise httpx.ConnectTimeout(f"resolving {host} timed out", request=request) from None
-    except socket.gaierror as exc:
-        raise httpx.ConnectError(
-            f"cannot resolve {host}: {exc.strerror}", request=request
-        ) from None
-    return [ipaddress.ip_address(info[4][0]) for info in infos]
+def guarded_session(
+    policy: NetworkPolicy,
+    *,
+    limit: int = 100,
+    timeout: aiohttp.ClientTimeout | None = None,
+    headers: Mapping[str, str] | None = None,
+    resolver: AbstractResolver | None = None,
+    **kwargs: Any,
+) -> aiohttp.ClientSession:
+    """An aiohttp session whose every connection and every request obeys `policy`.
+
+    At most `limit` connections at a time; certificates verified against certifi's CAs (as
+    httpx did); no proxy or .netrc from the environment; bodies are not decompressed by
+    aiohttp (worker.remote.bodies does it within the size cap). `resolver` replaces the
+    system's lookups (tests). Needs a running event loop.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=limit, limit_per_host=0, ssl=_tls_context(),
+        resolver=GuardedResolver(policy, resolver),
+    )
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout or aiohttp.ClientTimeout(total=30),
+        headers=headers, trust_env=False, auto_decompress=False,
+        middlewares=(_policy_middleware(policy),), **kwargs,
+    )
+
+
+def _policy_middleware(policy: NetworkPolicy) -> Callable[..., Any]:
+    async def check_each_request(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        check_url(request.url, policy)
+        return await handler(request)
+
+    return check_each_request
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def _ip_literal(host: str) -> IPv4Address | IPv6Address | None:
