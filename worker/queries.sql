@@ -182,12 +182,12 @@ select taskman.expire_overdue_tasks() as expired
 select taskman.release_tasks(%(worker_id)s::text) as released
 
 -- name: seconds_until_due
--- min() over tasks_due_idx (same predicate): one index probe however many tasks
+-- min() over task_schedule_due_idx (same predicate): one index probe however many tasks
 -- wait. Leased tasks count too, at their lease expiry: a crashed worker's tasks
 -- wake a worker when they fall due again.
-select extract(epoch from min(t.next_poll_at) - now())::float8 as seconds
-from taskman.tasks t
-where t.status in ('pending', 'in_progress') and t.poll_url is not null
+select extract(epoch from min(s.next_poll_at) - now())::float8 as seconds
+from taskman_private.task_schedule s
+where s.next_poll_at is not null
 
 
 -- name: live_demo_tasks
