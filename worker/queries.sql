@@ -137,9 +137,10 @@ select coalesce(max(e.event_id), 0) as event_id from taskman.task_events e
 -- Events above `after`, and those of `missing` (ids above an older `after` that were
 -- not committed yet when last read), oldest first. Every event comes back, so that
 -- gaps in the ids are real; `change` marks those NOTIFY announces (an insert, a
--- status change), with NOTIFY's payload fields.
+-- status change, a poll's progress), with NOTIFY's payload fields.
 select e.event_id, e.task_id, e.to_status as status, e.user_id,
-       e.event_type in ('created', 'status_changed', 'cancelled', 'retried') as change
+       (e.event_type in ('created', 'status_changed', 'cancelled', 'retried')
+        or (e.event_type = 'polled' and e.detail ? 'news')) as change
 from (
   select * from taskman.task_events m where m.event_id = any(%(missing)s::bigint[])
   union all

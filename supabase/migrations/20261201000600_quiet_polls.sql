@@ -501,9 +501,15 @@ begin
     returning t.task_id
   ),
   events as (
-    insert into taskman.task_events (task_id, user_id, event_type, detail)
-    select m.task_id, m.user_id, e.event_type,
+    -- A poll's event carries the status it left the task in; `news: progress` marks
+    -- one whose news was progress alone (the edge's /events reads it back without
+    -- LISTEN, as it reads status changes).
+    insert into taskman.task_events (task_id, user_id, event_type, to_status, detail)
+    select m.task_id, m.user_id, e.event_type, m.new_status,
            jsonb_strip_nulls(jsonb_build_object(
+             'news', case when e.event_type = 'polled' and m.news
+                               and m.new_status = m.old_status then 'progress' end,
+             'progress', case when e.event_type = 'polled' and m.news then m.progress end,
              'http_status', m.http_status, 'latency_ms', round(m.latency_ms::numeric, 1),
              'outcome', case when not m.ok then 'error' else coalesce(m.status, 'no_change') end,
              'reason', m.reason,
