@@ -501,11 +501,13 @@ begin
     returning t.task_id
   ),
   events as (
-    -- A poll's event carries the status it left the task in; `news: progress` marks
-    -- one whose news was progress alone (the edge's /events reads it back without
-    -- LISTEN, as it reads status changes).
+    -- `news: progress` (with the status, in to_status) marks a poll whose news was
+    -- progress alone: the edge's /events reads it back without LISTEN, as it reads
+    -- status changes. A status change has its own event (tasks_after_status_change).
     insert into taskman.task_events (task_id, user_id, event_type, to_status, detail)
-    select m.task_id, m.user_id, e.event_type, m.new_status,
+    select m.task_id, m.user_id, e.event_type,
+           case when e.event_type = 'polled' and m.news and m.new_status = m.old_status
+                then m.new_status end,
            jsonb_strip_nulls(jsonb_build_object(
              'news', case when e.event_type = 'polled' and m.news
                                and m.new_status = m.old_status then 'progress' end,
