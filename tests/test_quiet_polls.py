@@ -106,7 +106,7 @@ def test_a_thousand_polls_without_news_leave_a_handful_of_events(conn) -> None:
     assert kinds == ["created", "polled", "status_changed",  # started, with progress
                      "polled", "retry_scheduled",  # the failed poll
                      "polled", "status_changed"]  # the end
-    failed = [e for e in events(conn, task_id) if e["detail"].get("outcome") == "error"][0]
+    failed = next(e for e in events(conn, task_id) if e["detail"].get("outcome") == "error")
     assert (failed["detail"]["http_status"], failed["detail"]["attempt"]) == (503, 1002)
     # The last poll's HTTP status and latency, and the count, stay with the service.
     schedule = schedule_row(conn, task_id)

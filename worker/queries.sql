@@ -214,3 +214,11 @@ where o.delivered_at is null
        or (%(state)s::text = 'given_up') = (o.given_up_at is not null))
 order by o.outbox_id desc
 limit %(limit)s::integer
+
+-- Retention (the worker's periodic job and `taskman prune`).
+
+-- name: prune_finished_tasks
+-- One small batch; `done` says nothing older is left to prune.
+select tasks, events, private_rows, schedule_rows, outbox_rows, done
+from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::float8),
+                                  %(batch_size)s::integer, %(dry_run)s::boolean)
