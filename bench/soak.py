@@ -7,7 +7,7 @@ index sizes are printed over time: history and service-side rows level off once
 retention catches up (autovacuum reuses the space); taskman.tasks keeps its rows
 (Realtime publishes it; README: Retention) and grows by one narrow row per task.
 
-    python -m bench.soak [--seconds 90] [--retention 60] [--rate 200]
+    python -m bench.soak [--seconds 150] [--retention 60] [--rate 200]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _sizes(conn: psycopg.Connection) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=90)
+    parser.add_argument("--seconds", type=float, default=150)
     parser.add_argument("--retention", type=float, default=60)
     parser.add_argument("--rate", type=int, default=200, help="tasks created per second")
     args = parser.parse_args()
