@@ -26,6 +26,10 @@ migrate: $(STAMP)
 	$(BIN)/taskman migrate
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.hot_path
+	$(BIN)/python -m bench.many_workers
+	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.claim
 	$(BIN)/python -m bench.create
 	$(BIN)/python -m bench.worker_throughput

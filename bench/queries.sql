@@ -66,3 +66,40 @@ select %(base_url)s || '/status/' || i, 1 from generate_series(1, %(count)s) as 
 
 -- name: polls_made
 select coalesce(sum(attempt_count), 0)::bigint from taskman.tasks
+
+-- The bare SKIP LOCKED loop the hot path is compared with (bench.hot_path): a narrow
+-- table, one index on the due time, the same claim-and-reschedule statements.
+
+-- name: bare_create
+create table bare_jobs (
+  id bigint generated always as identity primary key,
+  due timestamptz not null default now(),
+  lease text,
+  attempts integer not null default 0
+);
+create index bare_jobs_due_idx on bare_jobs (due)
+
+-- name: bare_fill
+insert into bare_jobs (due) select now() from generate_series(1, %(count)s)
+
+-- name: bare_truncate
+truncate bare_jobs
+
+-- name: bare_claim
+update bare_jobs j set lease = 'bench', due = now() + interval '60 seconds'
+from (select id from bare_jobs where due <= now() order by due
+      limit %(batch)s for update skip locked) d
+where j.id = d.id
+returning j.id
+
+-- name: bare_reschedule
+update bare_jobs set lease = null, due = now(), attempts = attempts + 1
+where id = any(%(ids)s::bigint[])
+
+-- name: bare_finish
+delete from bare_jobs where id = any(%(ids)s::bigint[])
+
+-- name: duplicate_polls
+-- Polls beyond each task's first (tasks that complete on their first poll).
+select coalesce(sum(greatest(s.attempt_count - 1, 0)), 0)::bigint
+from taskman_private.task_schedule s

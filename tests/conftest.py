@@ -41,7 +41,8 @@ def server_url() -> Iterator[str]:
     if external:
         url = external
     else:
-        cluster = Cluster(default_bin_dir()).start()
+        # Logical decoding lets tests count what reaches Realtime (tests/test_quiet_polls.py).
+        cluster = Cluster(default_bin_dir(), {"wal_level": "logical"}).start()
         url = cluster.url()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"drop database if exists {TEMPLATE} with (force)")

@@ -37,3 +37,15 @@ def count_status(conn: psycopg.Connection, status: str) -> int:
 
 def set_status(conn: psycopg.Connection, task_id: str, status: str) -> None:
     conn.execute("update taskman.tasks set status = %s where task_id = %s", (status, task_id))
+
+
+def schedule_row(conn: psycopg.Connection, task_id: str) -> dict[str, Any]:
+    """The worker's side of a task: next poll, lease, poll counters (service-only)."""
+    return conn.execute("select * from taskman_private.task_schedule where task_id = %s",
+                        (task_id,)).fetchone()
+
+
+def make_due(conn: psycopg.Connection, task_id: str, interval: str = "0 seconds") -> None:
+    """Move the task's next poll to now() + `interval` (as time passing would)."""
+    conn.execute("update taskman_private.task_schedule set next_poll_at = now() + %s::interval"
+                 " where task_id = %s", (interval, task_id))

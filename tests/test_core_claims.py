@@ -9,7 +9,14 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.factories import create_task, events, set_status, task_row
+from tests.factories import (
+    create_task,
+    events,
+    make_due,
+    schedule_row,
+    set_status,
+    task_row,
+)
 
 
 def _claim(conn, worker="w1", batch=100, lease=60):
@@ -52,23 +59,23 @@ def test_a_leased_task_is_not_claimed_again_until_its_lease_expires(conn) -> Non
     assert _claim(conn, "w1", lease=60) == [task_id]
     assert _claim(conn, "w2") == []
     # The worker died; its lease runs out.
-    conn.execute("update taskman.tasks set lease_expires_at = now() - interval '1 second',"
+    conn.execute("update taskman_private.task_schedule"
+                 " set lease_expires_at = now() - interval '1 second',"
                  " next_poll_at = now() - interval '1 second' where task_id = %s", (task_id,))
     assert _claim(conn, "w2") == [task_id]
-    assert task_row(conn, task_id)["lease_owner"] == "w2"
+    assert schedule_row(conn, task_id)["lease_owner"] == "w2"
 
 
 def test_a_crashed_workers_task_becomes_due_when_the_lease_ends(conn) -> None:
     task_id = create_task(conn)["task_id"]
     claimed = conn.execute("select * from taskman.claim_due_tasks('w1', 10, 1)").fetchone()
-    assert task_row(conn, task_id)["next_poll_at"] == claimed["lease_expires_at"]
+    assert schedule_row(conn, task_id)["next_poll_at"] == claimed["lease_expires_at"]
 
 
 def test_only_due_live_pollable_tasks_are_claimed(conn) -> None:
     due = create_task(conn)["task_id"]
     later = create_task(conn)["task_id"]
-    conn.execute("update taskman.tasks set next_poll_at = now() + interval '1 hour'"
-                 " where task_id = %s", (later,))
+    make_due(conn, later, "1 hour")
     create_task(conn, poll_url=None)  # waits for a callback
     for status in ("completed", "failed", "cancelled"):
         set_status(conn, create_task(conn)["task_id"], status)
@@ -115,7 +122,7 @@ def test_record_poll_results_moves_tasks_and_writes_events_in_one_call(conn) -> 
     r = task_row(conn, running)
     assert (r["status"], r["progress"], r["progress_message"], r["attempt_count"]) == (
         "in_progress", 40, "rendering", 1)
-    assert r["lease_owner"] is None and r["started_at"] is not None
+    assert schedule_row(conn, running)["lease_owner"] is None and r["started_at"] is not None
     assert 4 < (r["next_poll_at"] - r["last_polled_at"]).total_seconds() <= 5.1
     d = task_row(conn, done)
     assert d["result"] == {"url": "https://files.example.com/x"} and d["progress"] == 100
@@ -125,12 +132,12 @@ def test_record_poll_results_moves_tasks_and_writes_events_in_one_call(conn) -> 
 def test_errors_count_consecutively_and_fail_the_task_at_max_attempts(conn) -> None:
     task_id = create_task(conn, max_attempts=3)["task_id"]
     for attempt in range(1, 4):
-        conn.execute("update taskman.tasks set next_poll_at = now() where task_id = %s", (task_id,))
+        make_due(conn, task_id)
         assert _claim(conn) == [task_id]
         _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": False, "http_status": 503,
                        "raw_error": "upstream exploded", "delay_seconds": 0})
+        assert schedule_row(conn, task_id)["error_count"] == attempt
         row = task_row(conn, task_id)
-        assert row["error_count"] == attempt
     assert (row["status"], row["error_code"]) == ("failed", "max_attempts")
     assert row["error_message"] == ("The status endpoint kept failing; Taskman gave up after "
                                     "repeated attempts.")
@@ -141,10 +148,10 @@ def test_errors_count_consecutively_and_fail_the_task_at_max_attempts(conn) -> N
 def test_a_successful_poll_resets_the_error_count(conn) -> None:
     task_id = create_task(conn, max_attempts=2)["task_id"]
     for ok in (False, True, False):
-        conn.execute("update taskman.tasks set next_poll_at = now() where task_id = %s", (task_id,))
+        make_due(conn, task_id)
         _claim(conn)
         _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": ok})
-    row = task_row(conn, task_id)
+    row = {**task_row(conn, task_id), **schedule_row(conn, task_id)}
     assert (row["status"], row["error_count"], row["attempt_count"]) == ("pending", 1, 3)
 
 
@@ -159,7 +166,7 @@ def test_unreadable_answers_past_max_attempts_fail_as_invalid_response(conn) -> 
 def test_a_stale_worker_cannot_record_after_its_lease_moved_on(conn) -> None:
     task_id = create_task(conn)["task_id"]
     _claim(conn, "w1")
-    conn.execute("update taskman.tasks set next_poll_at = now() where task_id = %s", (task_id,))
+    make_due(conn, task_id)
     _claim(conn, "w2")
     assert _record(conn, {"task_id": task_id, "worker_id": "w1", "ok": True,
                           "status": "completed"}) == []
@@ -171,8 +178,8 @@ def test_release_tasks_gives_back_only_that_workers_leases(conn) -> None:
     _claim(conn, "w1", batch=1)
     _claim(conn, "w2", batch=1)
     assert conn.execute("select taskman.release_tasks('w1') as n").fetchone()["n"] == 1
-    assert task_row(conn, mine)["lease_owner"] is None
-    assert task_row(conn, theirs)["lease_owner"] == "w2"
+    assert schedule_row(conn, mine)["lease_owner"] is None
+    assert schedule_row(conn, theirs)["lease_owner"] == "w2"
     assert _claim(conn, "w3") == [mine]
 
 

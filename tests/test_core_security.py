@@ -122,7 +122,8 @@ def test_service_role_reads_private_task_data(api, world) -> None:
 
 
 WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_tasks",
-                    "release_tasks", "claim_outbox", "record_outbox_results"}
+                    "release_tasks", "claim_outbox", "record_outbox_results",
+                    "prune_finished_tasks"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
                   "task_json"}
 
@@ -147,6 +148,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select * from taskman.record_poll_results('[]')",
     "select taskman.expire_overdue_tasks()",
     "select taskman.release_tasks('w1')",
+    "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
 ])
 def test_api_users_cannot_run_worker_functions(api, world, role, sub, call) -> None:
     assert _attempt(api, role, sub, call) == DENIED

@@ -74,7 +74,7 @@ def test_plain_insert_refuses_the_same_bad_input(api, conn, field, value) -> Non
 
 @pytest.mark.parametrize(("column", "value"), [
     ("status", "completed"), ("result", "{}"), ("attempt_count", 5), ("error_count", 1),
-    ("progress", 50), ("lease_owner", "me"), ("deadline_at", "2030-01-01"),
+    ("progress", 50), ("next_poll_at", "2030-01-01"), ("deadline_at", "2030-01-01"),
 ])
 def test_plain_insert_cannot_set_fields_taskman_manages(api, conn, column, value) -> None:
     with pytest.raises(psycopg.Error) as err, api.request("authenticated", USER_A) as cur:

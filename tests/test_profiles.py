@@ -299,3 +299,12 @@ def test_broken_profile_is_refused_naming_the_field(
 ) -> None:
     with pytest.raises(ProfileError, match=re.escape(message)):
         profile(**overrides)
+
+
+def test_a_function_python_refuses_on_the_answer_reads_as_missing_not_as_a_crash() -> None:
+    # jmespath's contains() accepts any subject but raises TypeError for `1 in 'done'`.
+    profile = ResponseProfile.from_dict({
+        **BUILTIN["generic"], "status_path": "status",
+        "result_path": "contains(status, count)"})
+    reading = read_response(profile, 200, {}, json.dumps({"status": "done", "count": 1}).encode())
+    assert reading.state == "completed" and reading.result is None

@@ -84,8 +84,10 @@ def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
     assert time.monotonic() - signalled < 3 + 1.5
 
     assert count_status(conn, "completed") == 5
-    leftover = conn.execute("select status, lease_owner, next_poll_at <= now() as due"
-                            " from taskman.tasks where status <> 'completed'").fetchall()
+    leftover = conn.execute("select t.status, s.lease_owner, s.next_poll_at <= now() as due"
+                            " from taskman.tasks t"
+                            " join taskman_private.task_schedule s using (task_id)"
+                            " where t.status <> 'completed'").fetchall()
     assert leftover == [{"status": "pending", "lease_owner": None, "due": True}] * 5
     logs = [json.loads(line) for line in process.stderr.read().splitlines()]
     assert any("released 5 unfinished tasks" in entry["message"] for entry in logs)

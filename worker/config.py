@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     outbox_retry_max_seconds: float = Field(
         default=3_600.0, gt=0, le=86_400, alias="TASKMAN_OUTBOX_RETRY_MAX"
     )
+    # Finished tasks' history, private and schedule rows and delivered notifications
+    # are deleted this many days after the task ended; 0 keeps everything.
+    retention_days: float = Field(default=30, ge=0, le=36_500, alias="TASKMAN_RETENTION_DAYS")
 
     @field_validator("supabase_url")
     @classmethod

@@ -137,9 +137,10 @@ select coalesce(max(e.event_id), 0) as event_id from taskman.task_events e
 -- Events above `after`, and those of `missing` (ids above an older `after` that were
 -- not committed yet when last read), oldest first. Every event comes back, so that
 -- gaps in the ids are real; `change` marks those NOTIFY announces (an insert, a
--- status change), with NOTIFY's payload fields.
+-- status change, a poll's progress), with NOTIFY's payload fields.
 select e.event_id, e.task_id, e.to_status as status, e.user_id,
-       e.event_type in ('created', 'status_changed', 'cancelled', 'retried') as change
+       (e.event_type in ('created', 'status_changed', 'cancelled', 'retried')
+        or (e.event_type = 'polled' and e.detail ? 'news')) as change
 from (
   select * from taskman.task_events m where m.event_id = any(%(missing)s::bigint[])
   union all
@@ -182,12 +183,12 @@ select taskman.expire_overdue_tasks() as expired
 select taskman.release_tasks(%(worker_id)s::text) as released
 
 -- name: seconds_until_due
--- min() over tasks_due_idx (same predicate): one index probe however many tasks
+-- min() over task_schedule_due_idx (same predicate): one index probe however many tasks
 -- wait. Leased tasks count too, at their lease expiry: a crashed worker's tasks
 -- wake a worker when they fall due again.
-select extract(epoch from min(t.next_poll_at) - now())::float8 as seconds
-from taskman.tasks t
-where t.status in ('pending', 'in_progress') and t.poll_url is not null
+select extract(epoch from min(s.next_poll_at) - now())::float8 as seconds
+from taskman_private.task_schedule s
+where s.next_poll_at is not null
 
 
 -- name: live_demo_tasks
@@ -213,3 +214,11 @@ where o.delivered_at is null
        or (%(state)s::text = 'given_up') = (o.given_up_at is not null))
 order by o.outbox_id desc
 limit %(limit)s::integer
+
+-- Retention (the worker's periodic job and `taskman prune`).
+
+-- name: prune_finished_tasks
+-- One small batch; `done` says nothing older is left to prune.
+select tasks, events, private_rows, schedule_rows, outbox_rows, done
+from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::float8),
+                                  %(batch_size)s::integer, %(dry_run)s::boolean)

@@ -184,6 +184,28 @@ def troubled_notifications(conn: psycopg.Connection[Any], state: str | None,
     return _rows(conn, "troubled_notifications", {"state": state, "limit": limit})
 
 
+def prune_finished_tasks(conn: psycopg.Connection[Any], older_than_seconds: float,
+                         batch_size: int, *, dry_run: bool = False) -> Row:
+    """One batch of retention: how many tasks were pruned and how many rows of each kind
+    (``events``, ``private_rows``, ``schedule_rows``, ``outbox_rows``) went; ``done`` when
+    nothing older is left. A dry run counts everything it would delete, changing nothing."""
+    rows = _rows(conn, "prune_finished_tasks", {
+        "older_than_seconds": older_than_seconds, "batch_size": batch_size, "dry_run": dry_run})
+    return rows[0]
+
+
+async def aprune_finished_tasks(conn: psycopg.AsyncConnection[Any], older_than_seconds: float,
+                                batch_size: int) -> Row:
+    """``prune_finished_tasks`` for the worker's event loop."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_q("prune_finished_tasks"), {
+            "older_than_seconds": older_than_seconds, "batch_size": batch_size,
+            "dry_run": False})
+        row = await cur.fetchone()
+        assert row is not None
+        return row
+
+
 def tasks_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return {r["status"]: r["n"] for r in _rows(conn, "tasks_by_status")}
 

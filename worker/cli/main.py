@@ -11,6 +11,7 @@ from pydantic_settings import SettingsError
 
 from worker import migrate as migrations
 from worker.cli.notification_commands import add_notification_commands
+from worker.cli.prune_command import add_prune_command
 from worker.cli.task_commands import CommandError, add_task_commands
 from worker.config import Settings
 from worker.db import ConfigurationError
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_task_commands(commands, _with_database)
     add_notification_commands(commands, _with_database)
+    add_prune_command(commands, _with_database)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The worker process: the claim/poll loop plus outbox delivery as a periodic job."""
+"""The worker process: the claim/poll loop plus outbox delivery and retention as periodic
+jobs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from worker.notify.completion_callbacks import callback_client
 from worker.notify.outbox import OutboxDispatcher
 from worker.polling.loop import PeriodicJob, Worker, new_worker_id
 from worker.polling.metrics import WorkerMetrics
+from worker.polling.retention import RETENTION_INTERVAL_SECONDS, Retention
 
 # Alerts and callbacks go out within about this long of a task ending.
 OUTBOX_INTERVAL_SECONDS = 1.0
@@ -22,6 +24,9 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
     async with callback_client(settings) as http:
         outbox = OutboxDispatcher(settings, worker_id, http)
         jobs = [PeriodicJob("deliver_outbox", OUTBOX_INTERVAL_SECONDS, outbox.run_once)]
+        retention = Retention(settings)
+        if retention.enabled:
+            jobs.append(PeriodicJob("retention", RETENTION_INTERVAL_SECONDS, retention.run_once))
         await Worker(settings, conninfo, jobs=jobs, worker_id=worker_id, metrics=metrics).run(stop)
 
 

@@ -160,14 +160,16 @@ class _Reader:
         functions reject the data, yields None.
 
         JMESPath already yields null for most shape mismatches; treating its type errors
-        the same way keeps one rule for "the answer does not have this".
+        the same way keeps one rule for "the answer does not have this". That includes the
+        Python TypeErrors some built-in functions raise for values their signatures let
+        through (``contains('a', `1`)``).
         """
         path: ParsedResult | None = getattr(self.profile, field)
         if path is None:
             return None
         try:
             return self.interpreter.search(path, data)
-        except JMESPathError:
+        except (JMESPathError, TypeError):
             return None
         except BudgetExceeded as exc:
             raise ReadingTooCostly(f"{field} could not be evaluated on the answer: {exc}") \

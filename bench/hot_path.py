@@ -1,0 +1,170 @@
+"""The database cycle against its raw limit, on one durable server in one run.
+
+(a) steady no-change polls/s: Taskman's claim + record (batches of 100, every task
+    "still running", due again at once) against a bare SKIP LOCKED table doing the
+    same claim-and-reschedule loop;
+(b) drain of 20k tasks completing on their first poll: Taskman, pgqueuer's no-op drain
+    (its own dequeue and log_jobs statements, batches of 100) and the bare loop;
+(c) create_task one call at a time against pgqueuer's enqueue one job at a time;
+(d) WAL bytes per no-change poll, Taskman and bare.
+
+    python -m bench.hot_path [--live 2000] [--seconds 5] [--drain 20000] [--creates 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from datetime import timedelta
+
+import psycopg
+
+from bench.cluster import migrated_databases, queries
+
+BATCH = 100
+
+
+def _wal(conn: psycopg.Connection) -> int:
+    return int(conn.execute("select pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()[0])
+
+
+def _taskman_cycle(conn: psycopg.Connection, status: str | None) -> int:
+    ids = [r[0] for r in conn.execute(
+        "select task_id from taskman.claim_due_tasks('bench', %s, 60)", (BATCH,)).fetchall()]
+    if ids:
+        outcomes = [{"task_id": str(i), "worker_id": "bench", "ok": True, "status": status,
+                     "http_status": 200, "latency_ms": 1.0, "delay_seconds": 0} for i in ids]
+        conn.execute("select count(*) from taskman.record_poll_results(%s)",
+                     (json.dumps(outcomes),))
+    return len(ids)
+
+
+def _bare_cycle(conn: psycopg.Connection, finish: bool) -> int:
+    q = queries()
+    ids = [r[0] for r in conn.execute(q["bare_claim"], {"batch": BATCH}).fetchall()]
+    if ids:
+        conn.execute(q["bare_finish" if finish else "bare_reschedule"], {"ids": ids})
+    return len(ids)
+
+
+def _steady(conn: psycopg.Connection, cycle, seconds: float) -> tuple[float, float]:
+    """Polls/s and WAL bytes per poll over `seconds` of `cycle`."""
+    polls, wal, started = 0, _wal(conn), time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        polls += cycle()
+    elapsed = time.perf_counter() - started
+    return polls / elapsed, (_wal(conn) - wal) / max(polls, 1)
+
+
+def _drain(conn: psycopg.Connection, cycle) -> float:
+    done, started = 0, time.perf_counter()
+    while n := cycle():
+        done += n
+    return done / (time.perf_counter() - started)
+
+
+async def _pgqueuer(url: str, drain: int, creates: int) -> tuple[float, float]:
+    """(drain jobs/s, enqueue jobs/s) for pgqueuer on its own database."""
+    from pgqueuer.db import PsycopgDriver
+    from pgqueuer.queries import EntrypointExecutionParameter, Queries
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        pq = Queries(PsycopgDriver(conn))
+        await pq.install()
+        for _ in range(200):
+            await pq.enqueue("noop", None)
+        started = time.perf_counter()
+        for i in range(creates):
+            await pq.enqueue("noop", str(i).encode())
+        enqueue_rate = creates / (time.perf_counter() - started)
+        await pq.clear_queue()
+
+        for start in range(0, drain, 1000):
+            n = min(1000, drain - start)
+            await pq.enqueue(["noop"] * n, [None] * n, [0] * n)
+        entrypoints = {"noop": EntrypointExecutionParameter(concurrency_limit=0)}
+        manager = uuid.uuid4()
+        done, started = 0, time.perf_counter()
+        while jobs := await pq.dequeue(BATCH, entrypoints, manager, None,
+                                       timedelta(seconds=30)):
+            await pq.log_jobs([(job, "successful", None) for job in jobs])
+            done += len(jobs)
+        drain_rate = done / (time.perf_counter() - started)
+    return drain_rate, enqueue_rate
+
+
+def _create_rate(conn: psycopg.Connection, count: int) -> float:
+    statement = "select taskman.create_task(poll_url => %s)"
+    for i in range(200):
+        conn.execute(statement, (f"https://api.example.com/warm/{i}",))
+    started = time.perf_counter()
+    for i in range(count):
+        conn.execute(statement, (f"https://api.example.com/c/{i}",))
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--live", type=int, default=2_000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--drain", type=int, default=20_000)
+    parser.add_argument("--creates", type=int, default=3_000)
+    args = parser.parse_args()
+    q = queries()
+
+    with migrated_databases("bench_taskman", "bench_pgqueuer", "bench_create") as urls, \
+            psycopg.connect(urls["bench_taskman"], autocommit=True) as conn:
+        conn.execute(q["bare_create"])
+        # (a), (d): live tasks that stay running.
+        conn.execute(q["create_due_tasks"], {"base_url": "https://api.example.com",
+                                             "count": args.live})
+        conn.execute(q["bare_fill"], {"count": args.live})
+        conn.execute("vacuum analyze")
+        for _ in range(0, args.live, BATCH):
+            _taskman_cycle(conn, "in_progress")  # first polls: pending -> in_progress
+        conn.execute("update taskman_private.task_schedule set next_poll_at = now()"
+                     " where next_poll_at is not null")
+        conn.execute("vacuum analyze")
+        taskman_rate, taskman_wal = _steady(conn, lambda: _taskman_cycle(conn, "in_progress"),
+                                            args.seconds)
+        bare_rate, bare_wal = _steady(conn, lambda: _bare_cycle(conn, False), args.seconds)
+
+        # (b): drain.
+        conn.execute(q["delete_tasks"])
+        conn.execute(q["bare_truncate"])
+        conn.execute(q["create_due_tasks"], {"base_url": "https://api.example.com",
+                                             "count": args.drain})
+        conn.execute(q["bare_fill"], {"count": args.drain})
+        conn.execute("vacuum analyze")
+        taskman_drain = _drain(conn, lambda: _taskman_cycle(conn, "completed"))
+        bare_drain = _drain(conn, lambda: _bare_cycle(conn, True))
+        pgq_drain, pgq_enqueue = asyncio.run(
+            _pgqueuer(urls["bench_pgqueuer"], args.drain, args.creates))
+        with psycopg.connect(urls["bench_create"], autocommit=True) as create_conn:
+            create_rate = _create_rate(create_conn, args.creates)
+
+    print(f"Hot path, one durable server, one connection each, batches of {BATCH}")
+    print(f"(a) steady no-change polls, {args.live:,} live tasks, {args.seconds:.0f}s each:")
+    print(f"    Taskman claim+record {taskman_rate:9,.0f} polls/s")
+    print(f"    bare SKIP LOCKED     {bare_rate:9,.0f} polls/s")
+    print(f"    ratio {taskman_rate / bare_rate:.2f} of bare   (target >= 0.40)")
+    print(f"(b) drain of {args.drain:,} tasks completing on their first poll:")
+    print(f"    Taskman              {taskman_drain:9,.0f} tasks/s")
+    print(f"    pgqueuer no-op drain {pgq_drain:9,.0f} jobs/s")
+    print(f"    bare SKIP LOCKED     {bare_drain:9,.0f} tasks/s")
+    print(f"    ratio {taskman_drain / pgq_drain:.2f} of pgqueuer (target >= 1.00), "
+          f"{taskman_drain / bare_drain:.2f} of bare")
+    print(f"(c) one call at a time, each its own commit, {args.creates:,} calls:")
+    print(f"    Taskman create_task  {create_rate:9,.0f} tasks/s")
+    print(f"    pgqueuer enqueue     {pgq_enqueue:9,.0f} jobs/s")
+    print(f"    ratio {create_rate / pgq_enqueue:.2f} of pgqueuer (target >= 1.00)")
+    print("(d) WAL per no-change poll:")
+    print(f"    Taskman {taskman_wal:7,.0f} B   bare {bare_wal:7,.0f} B   "
+          f"ratio {taskman_wal / bare_wal:.2f}x bare (target <= 2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Retention: the worker deletes finished tasks' service-side data in small batches.
+
+Every ``RETENTION_INTERVAL_SECONDS`` the worker prunes, batch after batch (each its
+own short transaction), what ended more than ``TASKMAN_RETENTION_DAYS`` ago: history,
+private and schedule rows, delivered notifications (``taskman.prune_finished_tasks``).
+Task rows stay: taskman.tasks is published to Realtime (README: Retention).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import psycopg
+
+from worker import store
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_SECONDS = 60.0
+RETENTION_BATCH = 200
+# A pause between batches, so that retention never competes for long with polling.
+_BETWEEN_BATCHES_SECONDS = 0.01
+_MAX_BATCHES_A_ROUND = 500
+
+
+class Retention:
+    def __init__(self, settings: Settings) -> None:
+        self.older_than_seconds = settings.retention_days * 86_400
+
+    @property
+    def enabled(self) -> bool:
+        return self.older_than_seconds > 0
+
+    async def run_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Prune until nothing is left (or a round's cap); returns how many tasks."""
+        pruned = 0
+        for _ in range(_MAX_BATCHES_A_ROUND):
+            row = await store.aprune_finished_tasks(conn, self.older_than_seconds,
+                                                    RETENTION_BATCH)
+            pruned += row["tasks"]
+            if row["done"]:
+                break
+            await asyncio.sleep(_BETWEEN_BATCHES_SECONDS)
+        if pruned:
+            log.info("retention pruned %d finished tasks", pruned, extra={"pruned": pruned})
+        return pruned
