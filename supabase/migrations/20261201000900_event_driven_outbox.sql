@@ -34,6 +34,11 @@ begin
 end
 $$;
 
+-- What the in-order check probes, one lookup a candidate row (outbox_due_idx would be
+-- walked whole for each: a 2,000-row burst took 0.4 s a claim).
+create index outbox_undelivered_task_idx on taskman_private.outbox (task_id, channel, outbox_id)
+  where delivered_at is null and given_up_at is null;
+
 drop function taskman.claim_outbox(text, integer, integer);
 
 create function taskman.claim_outbox(worker_id text, batch_size integer default 100,
@@ -66,12 +71,14 @@ begin
       and (claim_outbox.skip_hosts is null or o.channel <> 'callback'
            or coalesce(substring(o.payload ->> 'callback_url' from '^[^:/?#]+://([^/?#]*)'), '')
               <> all (claim_outbox.skip_hosts))
-      -- In order: nothing of a task and channel goes out before what precedes it.
-      and not exists (
-        select 1 from taskman_private.outbox p
-        where p.task_id = o.task_id and p.channel = o.channel and p.outbox_id < o.outbox_id
+      -- In order: nothing of a task and channel goes out before what precedes it
+      -- (the first undelivered row of each: one probe of outbox_undelivered_task_idx
+      -- a candidate, evaluated only as far as the scan goes).
+      and o.outbox_id = (
+        select min(p.outbox_id) from taskman_private.outbox p
+        where p.task_id = o.task_id and p.channel = o.channel
           and p.delivered_at is null and p.given_up_at is null)
-    order by o.next_attempt_at, o.outbox_id
+    order by o.next_attempt_at
     limit claim_outbox.batch_size
     for update of o skip locked
   )
