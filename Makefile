@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.claim
 	$(BIN)/python -m bench.create
 	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.outbox_throughput
 	$(BIN)/python -m bench.worker_latency
 	$(BIN)/python -m bench.prepared
 	$(BIN)/python -m bench.worker_memory

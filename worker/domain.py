@@ -7,6 +7,9 @@ functions (supabase/migrations); docs/lifecycle.md maps which step decides what.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypedDict, get_args
 from uuid import UUID
@@ -125,3 +128,23 @@ class PollOutcome(TypedDict, total=False):
     latency_ms: float
     raw_response: str  # service-only, like raw_error
     raw_error: str | None
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    """What the worker gives a long-running service beside polling (the outbox's callback
+    delivery): connections from its pool, and when to look for work.
+
+    ``wake`` is set when a NOTIFY on the service's channel arrives (and whenever the
+    listener (re)connects: what was announced meanwhile); the service clears it itself.
+    ``listening()`` says whether NOTIFY works now: while it does not (a transaction
+    pooler without a listen URL, or the listener is down) the service looks every
+    ``change_check_interval`` seconds. ``stopping`` is set at shutdown (``wake`` too):
+    stop taking work, finish or leave what is in flight, and return.
+    """
+
+    connection: Callable[[], AbstractAsyncContextManager[Any]]
+    wake: asyncio.Event
+    stopping: asyncio.Event
+    listening: Callable[[], bool]
+    change_check_interval: float

@@ -127,6 +127,10 @@ select 1
 -- name: listen
 listen taskman
 
+-- name: listen_outbox
+-- New callbacks in the outbox (the enqueue trigger's NOTIFY; payload: the channel).
+listen taskman_outbox
+
 -- Task changes without LISTEN (the edge's /events behind a transaction pooler): the
 -- same changes NOTIFY announces, read back from task_events by id.
 
@@ -156,7 +160,8 @@ order by e.event_id
 -- read (nested thousands deep, say) fails alone instead of the whole claim.
 select outbox_id, task_id, channel, payload::text as payload, attempts
 from taskman.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
-                         %(lease_seconds)s::integer)
+                         %(lease_seconds)s::integer, %(only_channel)s::text,
+                         %(skip_hosts)s::text[])
 
 -- name: record_outbox_results
 select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,

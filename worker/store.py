@@ -274,11 +274,21 @@ async def seconds_until_due(conn: psycopg.AsyncConnection[Any]) -> float | None:
     return None if seconds is None else float(seconds)
 
 
+async def listen_outbox(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Subscribe ``conn`` to the ``taskman_outbox`` channel (a callback was enqueued)."""
+    await conn.execute(_q("listen_outbox"))
+
+
 async def claim_outbox(conn: psycopg.AsyncConnection[Any], worker_id: str, batch_size: int,
-                       lease_seconds: int) -> list[Row]:
+                       lease_seconds: int, *, channel: str | None = None,
+                       skip_hosts: Sequence[str] | None = None) -> list[Row]:
+    """Lease due notifications, each task's in order: of ``channel`` only (``slack`` or
+    ``callback``; None for both), and no callbacks to ``skip_hosts`` (URL authorities)."""
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(_q("claim_outbox"), {
-            "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds})
+            "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds,
+            "only_channel": channel,
+            "skip_hosts": None if skip_hosts is None else list(skip_hosts)})
         return await cur.fetchall()
 
 

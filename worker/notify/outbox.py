@@ -1,12 +1,21 @@
-"""The outbox dispatcher: claims due notifications, delivers them, records every attempt.
+"""The outbox: claims due notifications, delivers them, records every attempt.
 
 Rows are written by the database in the transaction that ends a task (Slack alerts
-for failures, callbacks for every task with a ``callback_url``). The dispatcher claims
-a batch with a lease (``claim_outbox``), delivers the Slack alerts of the batch as one
-message (a digest when there are several) and the callbacks concurrently, then
-records the outcomes in one statement (``record_outbox_results``), which schedules
-retries with backoff, gives up after ``TASKMAN_OUTBOX_MAX_ATTEMPTS`` and writes
-task_events. Without Slack settings, alerts are given up at once with reason
+for failures, callbacks for every task with a ``callback_url``). Two ways deliver them:
+
+- ``OutboxDispatcher.run_once`` claims one batch with a lease (``claim_outbox``),
+  delivers its Slack alerts as one message (a digest when there are several) and its
+  callbacks concurrently, then records the outcomes in one statement
+  (``record_outbox_results``), which schedules retries with backoff, gives up after
+  ``TASKMAN_OUTBOX_MAX_ATTEMPTS`` and writes task_events. The worker runs it once a
+  second for Slack alerts only: the digest window.
+- ``CallbackStream`` delivers callbacks as they come: the enqueue trigger's NOTIFY
+  (channel ``taskman_outbox``) wakes it, it keeps claiming while rows are due and it
+  has room, each callback goes out as soon as it is claimed (within its host's
+  limit), and outcomes are recorded in batches as they finish. Without LISTEN it
+  looks every ``TASKMAN_CHANGE_CHECK_INTERVAL``.
+
+Without Slack settings, alerts are given up at once with reason
 ``slack_not_configured``, so they neither pile up nor vanish silently.
 """
 
@@ -16,23 +25,48 @@ import asyncio
 import json
 import logging
 import math
+import random
+import re
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import aiohttp
 import psycopg
+from psycopg_pool import PoolTimeout
 
 from worker import store
 from worker.config import Settings
+from worker.domain import ServiceContext
 from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.slack import SlackAlerter, alert_text
+from worker.remote import backoff
 
 log = logging.getLogger(__name__)
 
 MAX_LEASE_SECONDS = 3_600  # what claim_outbox accepts
+# The enqueue trigger's NOTIFY channel (a callback was enqueued).
+OUTBOX_CHANNEL = "taskman_outbox"
+# While listening, look anyway this often: retries falling due, a task's next callback
+# freed by another worker's delivery.
+IDLE_CHECK_SECONDS = 1.0
+# Outcomes wait at most this long for others to share their record_outbox_results call,
+# and only while other callbacks are still in flight.
+RECORD_DELAY_SECONDS = 0.005
+RECORD_BATCH = 500
+_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
+# How claim_outbox keys a callback's host: the URL's authority, as written.
+_AUTHORITY = re.compile(r"^[^:/?#]+://([^/?#]*)")
+
+
+def callback_host(url: object) -> str:
+    """The host key of a callback URL, exactly as claim_outbox's ``skip_hosts`` reads it."""
+    match = _AUTHORITY.match(url) if isinstance(url, str) else None
+    return match.group(1) if match else ""
 
 
 @dataclass(frozen=True)
@@ -91,13 +125,16 @@ class OutboxDispatcher:
             max(settings.lease_seconds, math.ceil(settings.callback_timeout_seconds * waves)),
         )
 
-    async def run_once(self, conn: psycopg.AsyncConnection[Any]) -> DispatchSummary:
-        """Claim one batch of due rows, deliver it and record the outcomes.
+    async def run_once(self, conn: psycopg.AsyncConnection[Any],
+                       channel: str | None = None) -> DispatchSummary:
+        """Claim one batch of due rows (of ``channel`` only, if given), deliver it and
+        record the outcomes.
 
-        The worker runs this as a periodic job, on a connection from its pool; a
-        summary with ``claimed == outbox_batch_size`` means more may be due at once.
+        The worker runs this for Slack alerts as a periodic job, on a connection from
+        its pool; a summary with ``claimed == outbox_batch_size`` means more may be due
+        at once.
         """
-        rows = await self._claim(conn)
+        rows = await self._claim(conn, channel)
         if not rows:
             return DispatchSummary()
         unreadable = [r for r in rows if r.payload is None]
@@ -117,20 +154,16 @@ class OutboxDispatcher:
             given_up=outcomes.count("given_up"),
         )
 
-    async def _claim(self, conn: psycopg.AsyncConnection[Any]) -> list[OutboxRow]:
+    async def _claim(self, conn: psycopg.AsyncConnection[Any],
+                     channel: str | None) -> list[OutboxRow]:
         rows = await store.claim_outbox(conn, self.worker_id, self._settings.outbox_batch_size,
-                                        self._lease_seconds)
+                                        self._lease_seconds, channel=channel)
         return [OutboxRow.claimed(**row) for row in rows]
 
     async def _record(
         self, conn: psycopg.AsyncConnection[Any], results: Sequence[dict[str, Any]]
     ) -> list[str]:
-        return await store.record_outbox_results(
-            conn, results,
-            max_attempts=self._settings.outbox_max_attempts,
-            base_delay_seconds=self._settings.outbox_retry_base_seconds,
-            max_delay_seconds=self._settings.outbox_retry_max_seconds,
-        )
+        return await _record(self._settings, conn, results)
 
     async def _deliver_alerts(self, rows: Sequence[OutboxRow]) -> list[dict[str, Any]]:
         """Every alert of the batch in one Slack message; its fate is theirs."""
@@ -159,21 +192,251 @@ class OutboxDispatcher:
     def _result(
         self, row: OutboxRow, delivery: Delivery, digest_size: int | None = None
     ) -> dict[str, Any]:
-        """One element of record_outbox_results' ``results``."""
-        return {
-            "outbox_id": row.outbox_id,
-            "worker_id": self.worker_id,
-            "outcome": delivery.outcome,
-            "reason": delivery.reason,
-            "http_status": delivery.http_status,
-            "latency_ms": delivery.latency_ms,
-            "retry_after_seconds": delivery.retry_after_seconds,
-            "digest_size": digest_size,
-            "error": delivery.error,
-        }
+        return _result(self.worker_id, row, delivery, digest_size)
+
+
+def _result(worker_id: str, row: OutboxRow, delivery: Delivery,
+            digest_size: int | None = None) -> dict[str, Any]:
+    """One element of record_outbox_results' ``results``."""
+    return {
+        "outbox_id": row.outbox_id,
+        "worker_id": worker_id,
+        "outcome": delivery.outcome,
+        "reason": delivery.reason,
+        "http_status": delivery.http_status,
+        "latency_ms": delivery.latency_ms,
+        "retry_after_seconds": delivery.retry_after_seconds,
+        "digest_size": digest_size,
+        "error": delivery.error,
+    }
+
+
+async def _record(settings: Settings, conn: psycopg.AsyncConnection[Any],
+                  results: Sequence[dict[str, Any]]) -> list[str]:
+    return await store.record_outbox_results(
+        conn, results,
+        max_attempts=settings.outbox_max_attempts,
+        base_delay_seconds=settings.outbox_retry_base_seconds,
+        max_delay_seconds=settings.outbox_retry_max_seconds,
+    )
 
 
 def _unexpected(what: str, rows: Sequence[OutboxRow], exc: Exception) -> Delivery:
     log.exception("delivering %s for outbox rows %s failed unexpectedly", what,
                   [r.outbox_id for r in rows])
     return Delivery("failed", reason="unexpected_error", error=f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Host:
+    """A callback host's rows held by this worker, and its limit on requests at once."""
+
+    limit: asyncio.Semaphore
+    held: int = 0
+
+
+@dataclass
+class _Room:
+    """What the stream holds: rows claimed and not yet finished, by host."""
+
+    hosts: dict[str, _Host] = field(default_factory=dict)
+    held: int = 0
+
+
+class CallbackStream:
+    """Delivers completion callbacks as they are enqueued, for one worker (a worker
+    ``Service``). Safe to run in any number of workers at once.
+
+    It holds at most ``TASKMAN_CONCURRENCY`` callbacks its hosts would let go now, and
+    sends at most ``TASKMAN_PER_HOST_CONCURRENCY`` at once to one host (the URL's
+    authority). A host with that many rows held is skipped by the next claims, so a slow
+    receiver keeps a few rows waiting, not the whole worker. Rows are claimed in due
+    order, each task's in order; each row goes out as soon as its host has room, and
+    its outcome joins the next ``record_outbox_results`` batch. At least once: a row
+    whose lease ran out while it waited is left to whoever claims it next.
+    """
+
+    name = "deliver_callbacks"
+    channel = OUTBOX_CHANNEL
+    pool_connections = 2  # one claiming, one recording
+
+    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession) -> None:
+        self.worker_id = worker_id
+        self._settings = settings
+        secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+        self._callbacks = CallbackSender(http, secret)
+        self._capacity = settings.concurrency
+        self._per_host = settings.per_host_concurrency
+        # Claim again once this much room is free (or when nothing is held), so that a
+        # busy stream claims in batches rather than a row at a time.
+        self._refill = max(1, min(settings.outbox_batch_size, self._capacity) // 4)
+        # A row may wait for its host behind one claim's worth of rows, sent
+        # per_host at a time, each taking up to the timeout; one round more for margin.
+        waves = math.ceil(min(settings.outbox_batch_size, self._capacity) / self._per_host) + 1
+        self._lease_seconds = min(
+            MAX_LEASE_SECONDS,
+            max(settings.lease_seconds, math.ceil(settings.callback_timeout_seconds * waves)),
+        )
+        self._room = _Room()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._results: list[dict[str, Any]] = []
+        self._result_added = asyncio.Event()
+        self._draining = False
+
+    async def subscribe(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await store.listen_outbox(conn)
+
+    async def run(self, context: ServiceContext) -> None:
+        """Deliver until ``context.stopping``; then let the callbacks in flight finish
+        within ``TASKMAN_SHUTDOWN_GRACE`` and record them."""
+        recorder = asyncio.create_task(self._record_loop(context), name="record_callbacks")
+        try:
+            await self._claim_loop(context)
+            if self._deliveries:
+                _, unfinished = await asyncio.wait(
+                    set(self._deliveries), timeout=self._settings.shutdown_grace_seconds)
+                for delivery in unfinished:
+                    delivery.cancel()  # unrecorded: sent again when its lease ends
+                await asyncio.gather(*unfinished, return_exceptions=True)
+            self._draining = True
+            self._result_added.set()
+            await recorder
+        finally:
+            recorder.cancel()
+            for delivery in self._deliveries:
+                delivery.cancel()
+
+    # Claiming -------------------------------------------------------------------------
+
+    def _free(self) -> int:
+        """Rows the stream may claim now."""
+        sendable = sum(min(h.held, self._per_host) for h in self._room.hosts.values())
+        return min(self._capacity - sendable, 4 * self._capacity - self._room.held)
+
+    async def _claim_loop(self, context: ServiceContext) -> None:
+        failures = 0
+        while not context.stopping.is_set():
+            free = self._free()
+            if self._room.held and free < self._refill:
+                context.wake.clear()
+                await context.wake.wait()  # a delivery ended, a record, or shutdown
+                continue
+            # Cleared before claiming: a NOTIFY arriving during the claim wakes the wait below.
+            context.wake.clear()
+            wanted = min(self._settings.outbox_batch_size, free)
+            try:
+                claimed = await self._claim(context, wanted)
+                failures = 0
+            except _DB_ERRORS as exc:
+                failures += 1
+                wait = _DB_RETRY_BASE / 2 + backoff.retry_delay(
+                    failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+                log.warning("claiming callbacks failed (%s); retrying in %.1fs", exc, wait)
+                await _wait(context.wake, wait)
+                continue
+            if claimed < wanted:
+                idle = (IDLE_CHECK_SECONDS if context.listening()
+                        else min(IDLE_CHECK_SECONDS, context.change_check_interval))
+                await _wait(context.wake, idle)
+
+    async def _claim(self, context: ServiceContext, wanted: int) -> int:
+        busy = [key for key, host in self._room.hosts.items() if host.held >= self._per_host]
+        lease_ends = time.monotonic() + self._lease_seconds  # no later than the database's
+        async with context.connection() as conn:
+            rows = await store.claim_outbox(conn, self.worker_id, wanted, self._lease_seconds,
+                                            channel="callback", skip_hosts=busy)
+        for row in rows:
+            self._start(context, OutboxRow.claimed(**row), lease_ends)
+        return len(rows)
+
+    def _start(self, context: ServiceContext, row: OutboxRow, lease_ends: float) -> None:
+        key = callback_host((row.payload or {}).get("callback_url"))
+        host = self._room.hosts.get(key)
+        if host is None:
+            host = self._room.hosts[key] = _Host(asyncio.Semaphore(self._per_host))
+        host.held += 1
+        self._room.held += 1
+        delivery = asyncio.create_task(self._deliver(context, row, key, host, lease_ends))
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
+
+    # Delivering -----------------------------------------------------------------------
+
+    async def _deliver(self, context: ServiceContext, row: OutboxRow, key: str, host: _Host,
+                       lease_ends: float) -> None:
+        delivery: Delivery | None = None
+        try:
+            async with host.limit:
+                # A row that waited for its host past its lease may already be someone
+                # else's: leave it to them.
+                if time.monotonic() >= lease_ends:
+                    log.warning("callback %s waited for its host past its lease; not sent",
+                                row.outbox_id, extra={"task_id": str(row.task_id)})
+                elif row.payload is None:
+                    delivery = Delivery("failed", reason="unreadable_payload", error=row.problem)
+                else:
+                    try:
+                        delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+                    except Exception as exc:  # one row's surprise must not stop the others
+                        delivery = _unexpected("callback", [row], exc)
+        finally:
+            host.held -= 1
+            self._room.held -= 1
+            if not host.held:
+                del self._room.hosts[key]
+            if self._free() >= self._refill or not self._room.held:
+                context.wake.set()
+        if delivery is not None:
+            self._results.append(_result(self.worker_id, row, delivery))
+            self._result_added.set()
+
+    # Recording ------------------------------------------------------------------------
+
+    async def _record_loop(self, context: ServiceContext) -> None:
+        """Write finished deliveries in batches until drained at shutdown."""
+        while True:
+            await self._result_added.wait()
+            if not self._results and self._draining:
+                return
+            if self._room.held and len(self._results) < RECORD_BATCH and not self._draining:
+                await asyncio.sleep(RECORD_DELAY_SECONDS)  # let deliveries in flight join
+            batch = self._results[:RECORD_BATCH]
+            del self._results[:RECORD_BATCH]
+            if not self._results:
+                self._result_added.clear()
+            if batch:
+                await self._record(context, batch)
+                context.wake.set()  # a task's next callback may be claimable now
+
+    async def _record(self, context: ServiceContext, batch: list[dict[str, Any]]) -> None:
+        """Record `batch`, retrying through database outages (at shutdown, for a while)."""
+        failures = 0
+        while True:
+            try:
+                async with context.connection() as conn:
+                    await _record(self._settings, conn, batch)
+                return
+            except _DB_ERRORS as exc:
+                failures += 1
+                if self._draining and failures > 3:
+                    log.error("could not record %d callbacks (%s); they are sent again when "
+                              "their leases end", len(batch), exc)
+                    return
+                wait = _DB_RETRY_BASE / 2 + backoff.retry_delay(
+                    failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+                log.warning("recording %d callbacks failed (%s); retrying in %.1fs",
+                            len(batch), exc, wait)
+                await asyncio.sleep(wait)
+            except psycopg.Error:
+                log.exception("recording %d callbacks failed; they are sent again when their "
+                              "leases end", len(batch))
+                return
+
+
+_DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set, or `seconds` have passed."""
+    with suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)

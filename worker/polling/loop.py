@@ -10,7 +10,9 @@ One asyncio loop runs a few long-lived coroutines beside the polls themselves:
 - each claimed task is polled in its own coroutine, within the global limit
   (``concurrency``) and its host's limit (``per_host_concurrency``);
 - the recorder writes finished polls with one ``record_poll_results`` call a batch;
-- periodic jobs: the overdue sweep, and whatever else is given (the outbox deliverer).
+- periodic jobs: the overdue sweep, and whatever else is given (Slack alerts);
+- services: long-running work beside polling (callback delivery), woken by a NOTIFY on
+  a channel of their own, which the listener subscribes to beside ``taskman``.
 
 Database errors never end the loop: each coroutine retries with backoff, and the pool
 replaces broken connections, so a database restart is a pause, not a crash.
@@ -29,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -38,7 +40,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker import db, store
 from worker.config import Settings
-from worker.domain import ClaimedTask, PollOutcome
+from worker.domain import ClaimedTask, PollOutcome, ServiceContext
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.poller import Poller, make_session
 from worker.remote import backoff
@@ -73,6 +75,24 @@ class PeriodicJob:
     run_once: Callable[[psycopg.AsyncConnection], Awaitable[object]]
 
 
+class Service(Protocol):
+    """Work that runs for the worker's whole life beside polling (callback delivery).
+
+    ``run`` works until its context's ``stopping`` is set, then finishes or leaves what
+    is in flight and returns. ``subscribe`` LISTENs on ``channel`` on the worker's
+    listen connection; a NOTIFY there sets the context's ``wake``. It holds at most
+    ``pool_connections`` connections of the worker's pool at once.
+    """
+
+    name: str
+    channel: str
+    pool_connections: int
+
+    async def subscribe(self, conn: psycopg.AsyncConnection[Any]) -> None: ...
+
+    async def run(self, context: ServiceContext) -> None: ...
+
+
 def new_worker_id() -> str:
     """``hostname-pid-random``: unique per process, and says where a lease came from."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -87,6 +107,7 @@ class Worker:
         conninfo: str,
         *,
         jobs: Sequence[PeriodicJob] = (),
+        services: Sequence[Service] = (),
         worker_id: str | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
@@ -98,6 +119,14 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.jobs = [PeriodicJob("expire_overdue_tasks", SWEEP_INTERVAL_SECONDS,
                                  self.expire_overdue_tasks), *jobs]
+        self.services = list(services)
+        self._stopping = asyncio.Event()
+        self._contexts = {
+            service.name: ServiceContext(
+                connection=self._connection, wake=asyncio.Event(), stopping=self._stopping,
+                listening=lambda: self._listening,
+                change_check_interval=settings.change_check_interval)
+            for service in self.services}
         # The pool, HTTP session and poller exist while run() runs, inside its event loop.
         self._pool: AsyncConnectionPool
         self._http: aiohttp.ClientSession
@@ -128,8 +157,11 @@ class Worker:
                      "set TASKMAN_LISTEN_DATABASE_URL to a direct or session pooler URL.",
                      self.settings.change_check_interval)
         self._pool = AsyncConnectionPool(
-            # One connection each for claiming, recording and every job.
-            self.conninfo, min_size=2, max_size=2 + len(self.jobs), open=False,
+            # One connection each for claiming, recording and every job, and what the
+            # services hold.
+            self.conninfo, min_size=2,
+            max_size=2 + len(self.jobs) + sum(s.pool_connections for s in self.services),
+            open=False,
             timeout=SHUTDOWN_DB_SECONDS,
             kwargs={"autocommit": True, "application_name": "taskman-worker",
                     **self.connections.connection_kwargs},
@@ -143,12 +175,18 @@ class Worker:
                 self._listen_loop(self.connections.listen_conninfo), name="listen"))
         background += [asyncio.create_task(self._job_loop(job), name=job.name)
                        for job in self.jobs]
+        services = [asyncio.create_task(service.run(self._contexts[service.name]),
+                                        name=service.name) for service in self.services]
         recorder = asyncio.create_task(self._record_loop(), name="record")
         stopping = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([stopping, recorder, *background],
+            done, _ = await asyncio.wait([stopping, recorder, *background, *services],
                                          return_when=asyncio.FIRST_COMPLETED)
             log.info("worker %s stopping", self.worker_id)
+            services_stop_by = time.monotonic() + self.settings.shutdown_grace_seconds
+            self._stopping.set()
+            for context in self._contexts.values():
+                context.wake.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -160,6 +198,7 @@ class Worker:
             except TimeoutError:
                 log.error("could not record the last outcomes; their leases will expire")
             await self._release_leases()
+            await self._stop_services(services, services_stop_by)
             for ended in done - {stopping}:
                 ended.result()  # a loop that ended by itself is a bug: raise it
         finally:
@@ -168,6 +207,22 @@ class Worker:
             await self._http.close()
             await self._pool.close(SHUTDOWN_DB_SECONDS)
         log.info("worker %s stopped", self.worker_id)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._pool.connection() as conn:
+            yield conn
+
+    async def _stop_services(self, services: list[asyncio.Task[None]], grace_ends: float) -> None:
+        """Give the services until `grace_ends`, plus time to record, then cancel them."""
+        if not services:
+            return
+        timeout = max(0.0, grace_ends - time.monotonic()) + SHUTDOWN_DB_SECONDS
+        _, unfinished = await asyncio.wait(services, timeout=timeout)
+        for task in unfinished:
+            log.error("%s did not stop in time; its leases will expire", task.get_name())
+            task.cancel()
+        await asyncio.gather(*services, return_exceptions=True)
 
     async def expire_overdue_tasks(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Fail every live task past its deadline; returns how many."""
@@ -247,7 +302,10 @@ class Worker:
         return min(MAX_IDLE_SECONDS, max(seconds, 0.01))
 
     async def _listen_loop(self, conninfo: str) -> None:
-        """Wake the claimer on every new (or retried) task."""
+        """Wake the claimer on every new (or retried) task, and each service on its
+        channel."""
+        woken = {service.channel: self._contexts[service.name].wake
+                 for service in self.services}
         failures = 0
         while True:
             try:
@@ -259,12 +317,18 @@ class Worker:
                     keepalives_idle=60, keepalives_interval=10, keepalives_count=3,
                 ) as conn:
                     await store.listen(conn)
+                    for service in self.services:
+                        await service.subscribe(conn)
                     failures = 0
                     self._listening = True
                     self._wake.set()  # whatever was announced while we were not listening
+                    for wake in woken.values():
+                        wake.set()
                     try:
                         async for notice in conn.notifies():
-                            if json.loads(notice.payload).get("status") == "pending":
+                            if notice.channel in woken:
+                                woken[notice.channel].set()
+                            elif json.loads(notice.payload).get("status") == "pending":
                                 self._wake.set()
                     finally:
                         self._listening = False  # the claimer checks the due index meanwhile

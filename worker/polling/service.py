@@ -1,20 +1,22 @@
-"""The worker process: the claim/poll loop plus outbox delivery and retention as periodic
-jobs."""
+"""The worker process: the claim/poll loop, callbacks delivered as they are enqueued, and
+Slack alerts and retention as periodic jobs (the alerts' interval is the digest window)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from functools import partial
 
 from worker.config import Settings
 from worker.notify.completion_callbacks import callback_client
-from worker.notify.outbox import OutboxDispatcher
+from worker.notify.outbox import CallbackStream, OutboxDispatcher
 from worker.polling.loop import PeriodicJob, Worker, new_worker_id
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.retention import RETENTION_INTERVAL_SECONDS, Retention
 
-# Alerts and callbacks go out within about this long of a task ending.
-OUTBOX_INTERVAL_SECONDS = 1.0
+# Slack alerts go out within about this long of a task failing; the failures of one
+# window share one message (a digest). Callbacks do not wait for it.
+ALERT_WINDOW_SECONDS = 1.0
 
 
 async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
@@ -22,12 +24,15 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
     """Poll tasks and deliver notifications until ``stop`` is set, then shut down gracefully."""
     worker_id = new_worker_id()
     async with callback_client(settings) as http:
-        outbox = OutboxDispatcher(settings, worker_id, http)
-        jobs = [PeriodicJob("deliver_outbox", OUTBOX_INTERVAL_SECONDS, outbox.run_once)]
+        alerts = OutboxDispatcher(settings, worker_id, http)
+        jobs = [PeriodicJob("deliver_alerts", ALERT_WINDOW_SECONDS,
+                            partial(alerts.run_once, channel="slack"))]
         retention = Retention(settings)
         if retention.enabled:
             jobs.append(PeriodicJob("retention", RETENTION_INTERVAL_SECONDS, retention.run_once))
-        await Worker(settings, conninfo, jobs=jobs, worker_id=worker_id, metrics=metrics).run(stop)
+        services = [CallbackStream(settings, worker_id, http)]
+        await Worker(settings, conninfo, jobs=jobs, services=services, worker_id=worker_id,
+                     metrics=metrics).run(stop)
 
 
 def serve_worker(settings: Settings, conninfo: str, metrics: WorkerMetrics | None = None) -> None:
