@@ -8,13 +8,14 @@ functions (supabase/migrations); docs/lifecycle.md maps which step decides what.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypedDict, get_args
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 Status = Literal["pending", "in_progress", "completed", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -49,6 +50,20 @@ ErrorMessage = Annotated[str, Field(max_length=2000), _Storable]
 ProgressMessage = Annotated[str, Field(max_length=1000), _Storable]
 Token = Annotated[str, Field(max_length=200), _Storable]
 
+_DECIMAL_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _integer_text(value: Any) -> Any:
+    """``"5"`` as 5: n8n's "Using Fields Below" sends every field as text. Anything else
+    is left to strict validation, so ``"five"`` or ``"5.5"`` still fails naming the field."""
+    if isinstance(value, str) and _DECIMAL_INTEGER.fullmatch(value.strip()):
+        return int(value)
+    return value
+
+
+# An integer, given as a JSON number or as the text of a whole decimal number.
+Integer = Annotated[int, BeforeValidator(_integer_text)]
+
 
 class TaskCreate(BaseModel):
     """The arguments of ``create_task``; every field is optional."""
@@ -66,9 +81,9 @@ class TaskCreate(BaseModel):
     )
     poll_body: JsonValue = None
     poll_config: JsonObject | None = Field(None, description="Response profile overrides.")
-    poll_interval_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
-    max_attempts: Annotated[int, Field(ge=1, le=1_000)] | None = None
-    timeout_minutes: Annotated[int, Field(ge=1, le=525_600)] | None = None
+    poll_interval_seconds: Annotated[Integer, Field(ge=1, le=86_400)] | None = None
+    max_attempts: Annotated[Integer, Field(ge=1, le=1_000)] | None = None
+    timeout_minutes: Annotated[Integer, Field(ge=1, le=525_600)] | None = None
     callback_url: Url | None = Field(None, description="POSTed the task when it ends.")
     idempotency_key: IdempotencyKey | None = None
     metadata: JsonObject | None = None
@@ -82,7 +97,7 @@ class TaskReport(BaseModel):
     status: ReportedStatus | None = None
     result: JsonValue = None
     error_message: ErrorMessage | None = None
-    progress: Annotated[int, Field(ge=0, le=100)] | None = None
+    progress: Annotated[Integer, Field(ge=0, le=100)] | None = None
     progress_message: ProgressMessage | None = None
 
 
@@ -114,7 +129,9 @@ class PollOutcome(TypedDict, total=False):
     task_id: str  # with worker_id: the claim being answered (ignored if the lease moved on)
     worker_id: str
     ok: bool  # True: the poll worked (resets error_count); False: a transient failure
-    status: Literal["in_progress", "completed", "failed"] | None  # None: no change
+    # None: no change; cancelled goes to record_remote_cancellations, the rest to
+    # record_poll_results.
+    status: Literal["in_progress", "completed", "failed", "cancelled"] | None
     # With status failed: remote_failed, poll_error or invalid_response; with ok False:
     # invalid_response when the answer was unreadable.
     error_code: Literal["remote_failed", "poll_error", "invalid_response"]

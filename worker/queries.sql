@@ -181,6 +181,9 @@ from taskman.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
 -- name: record_poll_results
 select count(*) as recorded from taskman.record_poll_results(%(results)s::jsonb)
 
+-- name: record_remote_cancellations
+select taskman.record_remote_cancellations(%(results)s::jsonb) as cancelled
+
 -- name: expire_overdue_tasks
 select taskman.expire_overdue_tasks() as expired
 

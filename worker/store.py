@@ -258,6 +258,13 @@ async def record_poll_results(conn: psycopg.AsyncConnection[Any], outcomes_json:
     return int(await _ascalar(conn, "record_poll_results", {"results": outcomes_json}))
 
 
+async def record_remote_cancellations(conn: psycopg.AsyncConnection[Any],
+                                      outcomes_json: str) -> int:
+    """End as cancelled the tasks of a JSON array of ``cancelled`` poll outcomes; returns
+    how many were (an outcome whose lease moved on is ignored)."""
+    return int(await _ascalar(conn, "record_remote_cancellations", {"results": outcomes_json}))
+
+
 async def expire_overdue_tasks(conn: psycopg.AsyncConnection[Any]) -> int:
     """Fail every live task past its deadline; returns how many."""
     return int(await _ascalar(conn, "expire_overdue_tasks"))

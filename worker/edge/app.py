@@ -95,6 +95,8 @@ def create_app(
     install_error_handlers(app)
     app.include_router(routes.router, tags=["tasks"])
     app.include_router(routes.seed_router)
+    # The seed's n8n workflows called these under /webhook/: the same routes answer there.
+    app.include_router(routes.seed_router, prefix="/webhook", include_in_schema=False)
     app.include_router(routes.public_router, tags=["public"])
     app.include_router(dashboard.router)
     # The last added is the outermost: metrics see every answer, 413s included.

@@ -451,9 +451,13 @@ class Worker:
 
     async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
-        results = "[" + ",".join(self._serialized(outcome) for outcome in batch) + "]"
+        polled = [self._serialized(o) for o in batch if o.get("status") != "cancelled"]
+        cancelled = [self._serialized(o) for o in batch if o.get("status") == "cancelled"]
         async with self._pool.connection() as conn:
-            await store.record_poll_results(conn, results)
+            if polled:
+                await store.record_poll_results(conn, "[" + ",".join(polled) + "]")
+            if cancelled:  # rare: a second statement only for batches that have one
+                await store.record_remote_cancellations(conn, "[" + ",".join(cancelled) + "]")
         self.metrics.record_latency.observe(time.perf_counter() - started)
 
     def _serialized(self, outcome: PollOutcome) -> str:

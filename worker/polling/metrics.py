@@ -25,8 +25,8 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.polls = Counter(
             "taskman_worker_polls",
-            "Polls made, by outcome: completed, running, pending, retry (transient failure), "
-            "or the error_code of a final failure.",
+            "Polls made, by outcome: completed, cancelled, running, pending, retry (transient "
+            "failure), or the error_code of a final failure.",
             ["outcome"],
             registry=self.registry,
         )
@@ -64,4 +64,5 @@ def poll_outcome_label(outcome: Mapping[str, Any]) -> str:
         return str(outcome["error_code"])
     if not outcome["ok"]:
         return "retry"
-    return {"completed": "completed", "in_progress": "running"}.get(status or "", "pending")
+    labels = {"completed": "completed", "cancelled": "cancelled", "in_progress": "running"}
+    return labels.get(status or "", "pending")

@@ -203,6 +203,9 @@ class Poller:
             # writes its neutral sentence, and the remote's own text stays raw_error.
             return {**seen, **progress, "ok": True, "status": "failed",
                     "error_code": "remote_failed", "raw_error": reading.error_detail}
+        if reading.state == "cancelled":
+            # Not a failure: no alert; the database writes the neutral message.
+            return {**seen, "ok": True, "status": "cancelled", "raw_error": reading.error_detail}
         # The remote's hint (Retry-After on a 202) may shorten the wait, down to the floor.
         wait = _retry_after(answer) if code == 202 else None
         if reading.state == "running":
