@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.remote.allowed_hosts import parse_allowed_hosts
+
 
 class Settings(BaseSettings):
     """Everything Taskman reads from its environment.
@@ -120,6 +122,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_entries(cls, value: frozenset[str]) -> frozenset[str]:
+        """``host``, ``host:port`` or ``*.suffix`` entries (worker.remote.allowed_hosts)."""
+        return parse_allowed_hosts(value)
 
     # The worker (taskman worker): retry timing and shutdown.
     retry_base_seconds: float = Field(default=2.0, gt=0, le=3_600, alias="TASKMAN_RETRY_BASE")

@@ -20,6 +20,8 @@ import psycopg
 
 from worker import db, store
 from worker.domain import STATUSES, TERMINAL_STATUSES, TaskCreate
+from worker.remote.netguard import NetworkPolicy
+from worker.remote.url_policy import RefusedURL, check_task_urls, task_urls
 
 EXIT_USAGE = 2
 EXIT_REFUSED = 1
@@ -115,6 +117,11 @@ def cmd_create(conninfo: str, args: argparse.Namespace) -> int:
         callback_url=args.callback_url, idempotency_key=args.idempotency_key,
         metadata=args.metadata,
     )
+    # The policy of this environment's settings: what the worker will apply.
+    try:
+        check_task_urls(task_urls(fields), NetworkPolicy.from_settings(args.settings))
+    except RefusedURL as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     with open_database(conninfo) as conn:
         task = store.create_task(conn, fields)
     _show_task(task, args.json)

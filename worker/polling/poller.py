@@ -60,7 +60,7 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
     headers (often an API key) when a redirect leaves the origin. Per-host limits are the
     worker's (``per_host_concurrency``), not the connector's. Needs a running event loop.
     """
-    policy = NetworkPolicy(settings.allow_private_networks, settings.allowed_hosts)
+    policy = NetworkPolicy.from_settings(settings)
     seconds = settings.poll_timeout_seconds
     return guarded_session(
         policy,
