@@ -19,6 +19,7 @@ import aiohttp
 
 from worker.config import Settings
 from worker.notify.delivery import Delivery
+from worker.notify.refusals import RefusedCallbacks
 from worker.remote.backoff import parse_retry_after
 from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 
@@ -87,12 +88,15 @@ class CallbackSender:
 
     Build it with ``callback_client`` (worker.remote.netguard's guarded_session) so
     callback URLs, which users choose, obey the same network policy as polls. Redirects
-    are not followed. Without a secret, callbacks go out unsigned.
+    are not followed. Without a secret, callbacks go out unsigned. Refusals by the
+    network policy are reported to `refusals` (a log line and a counter).
     """
 
-    def __init__(self, http: aiohttp.ClientSession, secret: str | None) -> None:
+    def __init__(self, http: aiohttp.ClientSession, secret: str | None,
+                 refusals: RefusedCallbacks | None = None) -> None:
         self._http = http
         self._secret = secret
+        self._refusals = refusals or RefusedCallbacks()
 
     async def deliver(self, outbox_id: int, payload: Mapping[str, Any]) -> Delivery:
         """POST ``payload`` to its ``callback_url``: any 2xx answer is a delivery."""
@@ -122,6 +126,7 @@ class CallbackSender:
                 excerpt = b"" if 200 <= status < 300 else await _first_bytes(response)
                 retry_after = response.headers.get("retry-after")
         except BlockedURL as exc:
+            self._refusals.report(payload, exc)
             return Delivery("given_up", reason="blocked_by_network_policy", error=exc.detail)
         except (InvalidHostName, aiohttp.InvalidURL, ValueError) as exc:
             return Delivery("given_up", reason="invalid_url",

@@ -43,6 +43,7 @@ from worker.config import Settings
 from worker.domain import ServiceContext
 from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
+from worker.notify.refusals import RefusedCallbacks
 from worker.notify.slack import SlackAlerter, alert_text
 from worker.remote import backoff
 
@@ -110,12 +111,13 @@ class OutboxDispatcher:
     Delivery is at least once: receivers can deduplicate on ``X-Taskman-Delivery``.
     """
 
-    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession,
+                 refusals: RefusedCallbacks | None = None) -> None:
         self.worker_id = worker_id
         self._settings = settings
         self._slack = SlackAlerter.from_settings(settings)
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-        self._callbacks = CallbackSender(http, secret)
+        self._callbacks = CallbackSender(http, secret, refusals)
         self._limit = asyncio.Semaphore(settings.concurrency)
         # The lease must outlast a round: the batch's callbacks go out in waves of
         # `concurrency`, each wave taking up to the timeout; one wave more for margin.
@@ -260,11 +262,12 @@ class CallbackStream:
     channel = OUTBOX_CHANNEL
     pool_connections = 2  # one claiming, one recording
 
-    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession,
+                 refusals: RefusedCallbacks | None = None) -> None:
         self.worker_id = worker_id
         self._settings = settings
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-        self._callbacks = CallbackSender(http, secret)
+        self._callbacks = CallbackSender(http, secret, refusals)
         self._capacity = settings.concurrency
         self._per_host = settings.per_host_concurrency
         # Claim again once this much room is free (or when nothing is held), so that a
