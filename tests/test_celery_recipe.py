@@ -60,7 +60,7 @@ def flaky(self):
 
 @celery_app.task
 def slow():
-    return "never runs: revoked before its countdown ends"
+    return "never runs: revoked before it is sent"
 '''
 
 
@@ -150,9 +150,12 @@ def test_taskman_tracks_real_celery_jobs_to_their_ends(
     celery_stack: CeleryStack, conn, api, database_url, slack
 ) -> None:
     jobs = celery_stack.jobs
+    # Revoked before it is sent, once the worker confirms it: the worker then discards it
+    # on receipt and records REVOKED, whatever order it reads its queues in.
     revoked_id = str(uuid.uuid4())
-    jobs.slow.apply_async(task_id=revoked_id, countdown=30)
-    jobs.celery_app.control.revoke(revoked_id)
+    replies = jobs.celery_app.control.revoke(revoked_id, reply=True, limit=1, timeout=15)
+    assert replies, "the Celery worker did not confirm the revoke"
+    jobs.slow.apply_async(task_id=revoked_id)
     celery_ids = {
         "succeeds": jobs.add.delay(2, 3).id,
         "raises": jobs.explode.delay().id,

@@ -21,18 +21,23 @@ from worker.remote.netguard import BlockedURL
 log = logging.getLogger(__name__)
 
 
-class RefusedCallbacks:
-    """Reports refused callbacks: a warning each, and a counter by reason in `registry`
-    (the worker's metrics; a registry of its own if none is given)."""
+def refusal_counter(registry: CollectorRegistry) -> Counter:
+    """``taskman_worker_callbacks_refused_total{reason}`` in `registry`."""
+    return Counter(
+        "taskman_worker_callbacks_refused",
+        "Completion callbacks refused by the network policy, by reason: "
+        "non_public_address, scheme, credentials, no_host, invalid_url.",
+        ["reason"],
+        registry=registry,
+    )
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.counter = Counter(
-            "taskman_worker_callbacks_refused",
-            "Completion callbacks refused by the network policy, by reason: "
-            "non_public_address, scheme, credentials, no_host, invalid_url.",
-            ["reason"],
-            registry=registry or CollectorRegistry(),
-        )
+
+class RefusedCallbacks:
+    """Reports refused callbacks: a warning each, and `counter` by reason (the worker's
+    metrics; a counter of its own if none is given)."""
+
+    def __init__(self, counter: Counter | None = None) -> None:
+        self.counter = counter if counter is not None else refusal_counter(CollectorRegistry())
 
     def report(self, payload: Mapping[str, Any], refusal: BlockedURL) -> None:
         """Log and count one refused callback of the task whose JSON is `payload`."""

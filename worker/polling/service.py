@@ -25,7 +25,7 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
     """Poll tasks and deliver notifications until ``stop`` is set, then shut down gracefully."""
     worker_id = new_worker_id()
     metrics = metrics or WorkerMetrics()
-    refusals = RefusedCallbacks(metrics.registry)  # on the worker's /metrics
+    refusals = RefusedCallbacks(metrics.callbacks_refused)
     async with callback_client(settings) as http:
         alerts = OutboxDispatcher(settings, worker_id, http, refusals)
         jobs = [PeriodicJob("deliver_alerts", ALERT_WINDOW_SECONDS,
