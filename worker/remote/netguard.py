@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import certifi
@@ -32,6 +32,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from worker.remote.allowed_hosts import AllowedHost
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 _PRIVATE_HINT = (
     "private networks are not allowed "
@@ -78,7 +81,7 @@ class NetworkPolicy:
         object.__setattr__(self, "entries", entries)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> NetworkPolicy:
+    def from_settings(cls, settings: Settings) -> NetworkPolicy:
         """The policy of ``TASKMAN_ALLOW_PRIVATE_NETWORKS`` and ``TASKMAN_ALLOWED_HOSTS``."""
         return cls(settings.allow_private_networks, settings.allowed_hosts)
 
