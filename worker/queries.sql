@@ -60,7 +60,11 @@ select taskman.create_task(
   poll_interval_seconds => %(poll_interval_seconds)s::integer,
   max_attempts => %(max_attempts)s::integer, timeout_minutes => %(timeout_minutes)s::integer,
   callback_url => %(callback_url)s::text, idempotency_key => %(idempotency_key)s::text,
-  metadata => %(metadata)s::jsonb) as task
+  metadata => %(metadata)s::jsonb, submit_url => %(submit_url)s::text,
+  submit_method => %(submit_method)s::text, submit_headers => %(submit_headers)s::jsonb,
+  submit_body => %(submit_body)s::jsonb, callback_headers => %(callback_headers)s::jsonb,
+  start_at => %(start_at)s::timestamptz, priority => %(priority)s::integer,
+  heartbeat_seconds => %(heartbeat_seconds)s::integer) as task
 
 -- name: get_task
 select taskman.task_json(t) as task
@@ -171,10 +175,12 @@ select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_atte
 -- The polling service (worker.polling): claim, record, sweep, release, and when to wake.
 
 -- name: claim_due_tasks
--- poll_body and profile come as JSON text: the body is sent as is, and the
--- profile text keys the worker's cache of compiled profiles.
+-- poll_body, submit_body and profile come as JSON text: bodies are sent as is, and
+-- the profile text keys the worker's cache of compiled profiles.
 select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_body,
-       profile::text as profile, attempt_count, error_count, poll_interval_seconds
+       profile::text as profile, attempt_count, error_count, poll_interval_seconds,
+       submit_url, submit_method, submit_headers, submit_body::text as submit_body,
+       callback_token
 from taskman.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
                             %(lease_seconds)s::integer)
 
