@@ -197,12 +197,27 @@ select taskman.expire_overdue_tasks() as expired
 select taskman.release_tasks(%(worker_id)s::text) as released
 
 -- name: seconds_until_due
--- min() over task_schedule_due_idx (same predicate): one index probe however many tasks
--- wait. Leased tasks count too, at their lease expiry: a crashed worker's tasks
--- wake a worker when they fall due again.
-select extract(epoch from min(s.next_poll_at) - now())::float8 as seconds
-from taskman_private.task_schedule s
-where s.next_poll_at is not null
+-- The earliest next_poll_at over task_schedule_priority_due_idx: one probe a priority
+-- level in use (each level found with one probe too), however many tasks wait. Leased
+-- tasks count too, at their lease expiry: a crashed worker's tasks wake a worker when
+-- they fall due again.
+with recursive levels as (
+  (select s.priority from taskman_private.task_schedule s
+   where s.next_poll_at is not null order by s.priority desc limit 1)
+  union all
+  select (select s.priority from taskman_private.task_schedule s
+          where s.next_poll_at is not null and s.priority < l.priority
+          order by s.priority desc limit 1)
+  from levels l where l.priority is not null
+)
+select extract(epoch from min(d.next_poll_at) - now())::float8 as seconds
+from levels l
+cross join lateral (
+  select s.next_poll_at from taskman_private.task_schedule s
+  where s.priority = l.priority and s.next_poll_at is not null
+  order by s.next_poll_at limit 1
+) d
+where l.priority is not null
 
 
 -- name: live_demo_tasks

@@ -66,9 +66,12 @@ alter table taskman_private.task_schedule
   -- The last poll that worked or callback received: the heartbeat's clock.
   add column alive_at timestamptz;
 
+-- The claim path, by priority then due time; it replaces the due-time index (the
+-- worker's "when is the next task due" walks it one priority level at a time too).
 create index task_schedule_priority_due_idx
   on taskman_private.task_schedule (priority desc, next_poll_at)
   where next_poll_at is not null;
+drop index taskman_private.task_schedule_due_idx;
 
 -- The heartbeat sweep reads only started tasks that have a heartbeat.
 create index tasks_heartbeat_idx on taskman.tasks (task_id)
