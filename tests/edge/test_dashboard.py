@@ -155,3 +155,19 @@ def test_a_rejected_key_returns_to_sign_in(browser, edge) -> None:
     page.locator("#login:not(.hidden)").wait_for()
     assert "not accepted" in page.inner_text("#login-error")
     context.close()
+
+
+def test_the_task_page_shows_submit_state_and_priority(page, service, db) -> None:
+    task = _create(service, submit_url="https://api.example.com/jobs", priority=5,
+                   heartbeat_seconds=60)
+    _row(page, task["task_id"]).click()
+    expect(page.locator("#submit-state")).to_contain_text("POST https://api.example.com/jobs")
+    expect(page.locator("#submit-state")).to_contain_text("not sent yet")
+    assert "Priority\n5" in page.inner_text("#fields").replace("\t", "\n")
+    assert "every 60s" in page.inner_text("#fields")
+    # As the worker records an accepted submit.
+    db.execute("update taskman.tasks set submitted_at = now(), status = 'in_progress',"
+               " poll_url = 'https://api.example.com/jobs/9' where task_id = %s",
+               (task["task_id"],))
+    _row(page, task["task_id"]).click()
+    expect(page.locator("#submit-state")).to_contain_text("polling https://api.example.com/jobs/9")
