@@ -39,6 +39,11 @@ def test_higher_priority_goes_first_among_due_tasks_then_due_order(conn) -> None
     assert claim(conn, 1) == {low[0]}
     assert claim(conn, 5) == {low[1], low[2], negative}
     assert claim(conn, 5) == set()
+    # The service may change a priority later; the claim follows it.
+    make_due(conn, low[2], "-1 second")
+    make_due(conn, negative, "-1 second")
+    conn.execute("update taskman.tasks set priority = 50 where task_id = %s", (negative,))
+    assert claim(conn, 1) == {negative}
     assert task_row(conn, high)["priority"] == 7 and task_row(conn, low[0])["priority"] == 0
 
 

@@ -157,9 +157,10 @@ def test_callback_url_hands_the_remote_the_edges_route_with_the_tasks_token(
         conn, database_url, remote) -> None:
     url = remote.script("/hooks", Reply(202, json={"accepted": True}))
     with serve_edge(database_url) as edge:
-        task_id = create_task(conn, poll_url=None, submit_url=url,
+        created = create_task(conn, poll_url=None, submit_url=url,
                               submit_body={"notify": "{callback_url}", "id": "{task_id}"},
-                              submit_headers={"X-Callback": "{callback_url}"})["task_id"]
+                              submit_headers={"X-Callback": "{callback_url}"})
+        task_id = created["task_id"]
         with running_worker(database_url, TASKMAN_PUBLIC_URL=edge.url + "/"):
             row = wait_until(lambda: (r := task_row(conn, task_id))["submitted_at"] and r)
             [sent] = remote.hits("/hooks")
@@ -175,6 +176,7 @@ def test_callback_url_hands_the_remote_the_edges_route_with_the_tasks_token(
             assert answer.status_code == 200, answer.text
             assert finished(conn, task_id)["result"] == {"n": 1}
             token = parse_qs(urlsplit(callback).query)["token"][0]
+            assert token == created["callback_token"]  # the one its creator was given
             forged = httpx.post(f"{edge.url}/callbacks/{task_id}?token={token[:-1]}x", json={})
             assert forged.status_code == 403
         assert len(remote.hits("/hooks")) == 1

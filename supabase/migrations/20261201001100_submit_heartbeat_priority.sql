@@ -421,8 +421,9 @@ end
 $$;
 
 -- BEFORE UPDATE, after tasks_prepare_update (triggers fire in name order): the new
--- fields' header sets leave the row, their values are checked, and a retried task
--- that was never submitted is due again (for its submit) at its start time.
+-- fields' header sets leave the row, their values are checked, a new priority (the
+-- service's to change) moves to the schedule, and a retried task that was never
+-- submitted is due again (for its submit) at its start time.
 create function taskman_private.tasks_prepare_update_submit()
 returns trigger
 language plpgsql security definer
@@ -452,6 +453,10 @@ begin
      (old.submit_url, old.submit_method, old.submit_body, old.start_at, old.priority,
       old.heartbeat_seconds) then
     perform taskman_private.validate_submit(new, old, false);
+  end if;
+  if new.priority is distinct from old.priority then
+    update taskman_private.task_schedule s set priority = new.priority
+    where s.task_id = new.task_id;
   end if;
   if new.status = 'pending' and old.status is distinct from 'pending'
      and new.submit_url is not null and new.submitted_at is null then
