@@ -120,7 +120,7 @@ class CallbackSender:
         if self._secret:
             headers[SIGNATURE_HEADER] = sign(self._secret, timestamp, body)
         if extra_headers:
-            if problem := headers_problem(extra_headers):
+            if problem := headers_problem(extra_headers, "callback"):
                 return Delivery("given_up", reason="invalid_headers",
                                 error=f"callback_headers cannot be sent: {problem}"[:500])
             ours = {name.lower() for name in headers} | {SIGNATURE_HEADER.lower()}

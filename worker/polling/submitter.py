@@ -155,7 +155,7 @@ class Submitter:
             values["callback_url"] = (f"{self.settings.public_url}/callbacks/{task.task_id}"
                                       f"?token={quote(task.callback_token, safe='')}")
         headers = {name: fill_placeholders(value, values) for name, value in stored.items()}
-        if problem := headers_problem(headers):
+        if problem := headers_problem(headers, "submit"):
             raise _NotSendable(problem)
         headers[IDEMPOTENCY_HEADER] = str(task.task_id)
         data = None

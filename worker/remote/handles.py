@@ -77,6 +77,7 @@ def fill_placeholders(value: Any, values: Mapping[str, str]) -> Any:
 
 
 def uses_placeholder(texts: list[str | None], name: str) -> bool:
+    """Whether any of `texts` contains ``{name}``."""
     return any(t is not None and "{" + name + "}" in t for t in texts)
 
 
