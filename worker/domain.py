@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypedDict, get_args
 from uuid import UUID
 
@@ -25,7 +26,8 @@ TERMINAL_STATUSES: frozenset[Status] = frozenset({"completed", "failed", "cancel
 ReportedStatus = Literal["in_progress", "completed", "failed", "cancelled"]
 
 # Why a task failed (tasks.error_code).
-ErrorCode = Literal["timeout", "max_attempts", "remote_failed", "invalid_response", "poll_error"]
+ErrorCode = Literal["timeout", "max_attempts", "remote_failed", "invalid_response", "poll_error",
+                    "submit_failed", "heartbeat_timeout"]
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
 
 JsonObject = dict[str, JsonValue]
@@ -35,6 +37,14 @@ def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
+
+
+def _iso_datetime(value: Any) -> Any:
+    """Only ISO 8601 text (or a datetime): pydantic would also take a number as Unix time."""
+    if isinstance(value, datetime) or (isinstance(value, str) and len(value) >= 16
+                                       and value[4:5] == "-" and value[10:11] in "Tt "):
+        return value
+    raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z")
 
 
 # Strings PostgreSQL can store: no NUL characters, bounded lengths.
@@ -65,6 +75,9 @@ def _integer_text(value: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_integer_text)]
 
 
+StartAt = Annotated[datetime, Field(strict=False), BeforeValidator(_iso_datetime)]
+
+
 class TaskCreate(BaseModel):
     """The arguments of ``create_task``; every field is optional."""
 
@@ -87,6 +100,23 @@ class TaskCreate(BaseModel):
     callback_url: Url | None = Field(None, description="POSTed the task when it ends.")
     idempotency_key: IdempotencyKey | None = None
     metadata: JsonObject | None = None
+    submit_url: Url | None = Field(
+        None, description="Taskman starts the job: sent once, with Idempotency-Key: <task_id>; "
+        "the answer's handle becomes poll_url.")
+    submit_method: Method | None = Field(None, description="POST (default), PUT, PATCH or GET.")
+    submit_headers: dict[HeaderName, HeaderValue] | None = Field(
+        None, description="Headers sent with the submit; write-only, never returned. "
+        "May use {task_id} and {callback_url}.")
+    submit_body: JsonValue = Field(
+        None, description="JSON sent with the submit; may use {task_id} and {callback_url}.")
+    callback_headers: dict[HeaderName, HeaderValue] | None = Field(
+        None, description="Extra headers sent with the completion callback; write-only.")
+    start_at: StartAt | None = Field(
+        None, description="The first submit or poll waits for this time.")
+    priority: Annotated[int, Field(ge=-100, le=100)] | None = Field(
+        None, description="-100..100, default 0: among due tasks, higher goes first.")
+    heartbeat_seconds: Annotated[int, Field(ge=1, le=604_800)] | None = Field(
+        None, description="A started task silent this long fails with heartbeat_timeout.")
 
 
 class TaskReport(BaseModel):
@@ -110,7 +140,7 @@ class ClaimedTask:
     """
 
     task_id: UUID
-    poll_url: str
+    poll_url: str | None  # None while the task is still to be submitted
     poll_method: str
     poll_headers: dict[str, str]
     poll_body: str | None
@@ -118,6 +148,18 @@ class ClaimedTask:
     attempt_count: int
     error_count: int
     poll_interval_seconds: int
+    # Set while the task is still to be submitted (never after a recorded success);
+    # callback_token only when the submit uses {callback_url}.
+    submit_url: str | None = None
+    submit_method: str | None = None
+    submit_headers: dict[str, str] | None = None
+    submit_body: str | None = None
+    callback_token: str | None = None
+
+    @property
+    def request_url(self) -> str:
+        """The URL this claim requests: the submit URL, else the status URL."""
+        return self.submit_url or self.poll_url or ""
 
 
 class PollOutcome(TypedDict, total=False):
@@ -134,7 +176,7 @@ class PollOutcome(TypedDict, total=False):
     status: Literal["in_progress", "completed", "failed", "cancelled"] | None
     # With status failed: remote_failed, poll_error or invalid_response; with ok False:
     # invalid_response when the answer was unreadable.
-    error_code: Literal["remote_failed", "poll_error", "invalid_response"]
+    error_code: Literal["remote_failed", "poll_error", "invalid_response", "submit_failed"]
     delay_seconds: float  # when to poll next if the task goes on
     reason: str  # a short code for the task's events (timeout, http_status, ...)
     result: Any
@@ -145,6 +187,9 @@ class PollOutcome(TypedDict, total=False):
     latency_ms: float
     raw_response: str  # service-only, like raw_error
     raw_error: str | None
+    submitted: bool  # True: the outcome of a submit, not a poll
+    poll_url: str  # a submit's job handle (the status URL to poll)
+    external_id: str  # a submit's job id, when the profile reads one
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from worker import db
 from worker.domain import ClaimedTask, JsonObject, TaskCreate, TaskReport
 
 Row = dict[str, Any]
-_JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata")
+_JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata", "submit_headers",
+                   "submit_body", "callback_headers")
 
 
 def _q(name: str) -> str:

@@ -183,3 +183,19 @@ def test_a_callback_refused_by_the_network_policy_shows_on_the_task(page, servic
     expect(refusal).to_contain_text("Refused by the network policy")
     expect(refusal).to_contain_text("blocked_by_network_policy")
     assert page.console_errors == []
+
+
+def test_the_task_page_shows_submit_state_and_priority(page, service, db) -> None:
+    task = _create(service, submit_url="https://api.example.com/jobs", priority=5,
+                   heartbeat_seconds=60)
+    _row(page, task["task_id"]).click()
+    expect(page.locator("#submit-state")).to_contain_text("POST https://api.example.com/jobs")
+    expect(page.locator("#submit-state")).to_contain_text("not sent yet")
+    assert "Priority\n5" in page.inner_text("#fields").replace("\t", "\n")
+    assert "every 60s" in page.inner_text("#fields")
+    # As the worker records an accepted submit.
+    db.execute("update taskman.tasks set submitted_at = now(), status = 'in_progress',"
+               " poll_url = 'https://api.example.com/jobs/9' where task_id = %s",
+               (task["task_id"],))
+    _row(page, task["task_id"]).click()
+    expect(page.locator("#submit-state")).to_contain_text("polling https://api.example.com/jobs/9")

@@ -61,3 +61,11 @@ def test_users_get_the_same_refusal(alice) -> None:
     response = alice.http.post("/tasks", json={"callback_url": "http://10.0.0.5/hook"})
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "callback_url"
+
+
+def test_a_private_submit_url_is_refused_like_a_poll_url(service, db) -> None:
+    response = service.post("/tasks", json={"submit_url": "http://10.0.0.7/jobs",
+                                            "external_id": "private-submit"})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "submit_url"
+    assert count(db, "private-submit") == 0

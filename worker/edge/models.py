@@ -80,6 +80,14 @@ class Task(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    submit_url: str | None = None
+    submit_method: str | None = None
+    submit_body: JsonValue = None
+    submitted_at: datetime | None = Field(
+        None, description="When the submit was answered with success (never submitted again).")
+    start_at: datetime | None = None
+    priority: int = 0
+    heartbeat_seconds: int | None = None
 
 
 class CreatedTask(Task):

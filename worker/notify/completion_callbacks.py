@@ -21,6 +21,7 @@ from worker.config import Settings
 from worker.notify.delivery import Delivery
 from worker.notify.refusals import RefusedCallbacks
 from worker.remote.backoff import parse_retry_after
+from worker.remote.headers import headers_problem
 from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 
 SIGNATURE_HEADER = "X-Taskman-Signature"
@@ -98,8 +99,12 @@ class CallbackSender:
         self._secret = secret
         self._refusals = refusals or RefusedCallbacks()
 
-    async def deliver(self, outbox_id: int, payload: Mapping[str, Any]) -> Delivery:
-        """POST ``payload`` to its ``callback_url``: any 2xx answer is a delivery."""
+    async def deliver(self, outbox_id: int, payload: Mapping[str, Any],
+                      extra_headers: Mapping[str, str] | None = None) -> Delivery:
+        """POST ``payload`` to its ``callback_url``: any 2xx answer is a delivery.
+
+        ``extra_headers`` (the task's callback_headers) go out too; Taskman's own
+        headers cannot be overridden by them."""
         url = payload.get("callback_url")
         if not url:
             return Delivery("given_up", reason="no_callback_url")
@@ -118,6 +123,14 @@ class CallbackSender:
         }
         if self._secret:
             headers[SIGNATURE_HEADER] = sign(self._secret, timestamp, body)
+        if extra_headers:
+            if problem := headers_problem(extra_headers, "callback"):
+                return Delivery("given_up", reason="invalid_headers",
+                                error=f"callback_headers cannot be sent: {problem}"[:500])
+            ours = {name.lower() for name in headers} | {SIGNATURE_HEADER.lower()}
+            headers = {**{k: v for k, v in extra_headers.items()
+                          if k.lower() not in ours and not k.lower().startswith("x-taskman-")},
+                       **headers}
         started = time.perf_counter()
         try:
             async with self._http.post(url, data=body, headers=headers,

@@ -81,16 +81,18 @@ class OutboxRow:
     payload: dict[str, Any] | None
     attempts: int
     problem: str | None = None
+    headers: dict[str, str] | None = None  # a callback's callback_headers (service-only)
 
     @classmethod
     def claimed(cls, outbox_id: int, task_id: UUID, channel: str, payload: str,
-                attempts: int) -> OutboxRow:
+                attempts: int, headers: dict[str, str] | None = None) -> OutboxRow:
         """A row as ``outbox_claim`` returns it, its payload (JSON text) parsed here."""
         try:
-            return cls(outbox_id, task_id, channel, json.loads(payload), attempts)
+            return cls(outbox_id, task_id, channel, json.loads(payload), attempts,
+                       headers=headers)
         except (ValueError, RecursionError) as exc:
             problem = f"the task's JSON could not be read: {type(exc).__name__}: {exc}"
-            return cls(outbox_id, task_id, channel, None, attempts, problem[:500])
+            return cls(outbox_id, task_id, channel, None, attempts, problem[:500], headers)
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,8 @@ class OutboxDispatcher:
         assert row.payload is not None  # run_once records unreadable rows apart
         async with self._limit:
             try:
-                delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+                delivery = await self._callbacks.deliver(row.outbox_id, row.payload,
+                                                        row.headers)
             except Exception as exc:  # one row's surprise must not sink the batch's records
                 delivery = _unexpected("callback", [row], exc)
         return [self._result(row, delivery)]
@@ -379,7 +382,8 @@ class CallbackStream:
                     delivery = Delivery("failed", reason="unreadable_payload", error=row.problem)
                 else:
                     try:
-                        delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+                        delivery = await self._callbacks.deliver(row.outbox_id, row.payload,
+                                                        row.headers)
                     except Exception as exc:  # one row's surprise must not stop the others
                         delivery = _unexpected("callback", [row], exc)
         finally:

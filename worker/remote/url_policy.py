@@ -21,7 +21,7 @@ from yarl import URL
 from worker.remote.netguard import BlockedURL, NetworkPolicy, check_url, is_blocked_address
 
 # The task fields holding URLs the worker will request, checked by check_task_urls.
-TASK_URL_FIELDS = ("poll_url", "callback_url")
+TASK_URL_FIELDS = ("poll_url", "submit_url", "callback_url")
 LOOKUP_TIMEOUT_SECONDS = 2.0
 
 Lookup = Callable[[str, int | None], list[str]]
