@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.remote.allowed_hosts import parse_allowed_hosts
+from worker.remote.host_keys import parse_rate_limits
 
 
 class Settings(BaseSettings):
@@ -161,10 +162,37 @@ class Settings(BaseSettings):
         default=10.0, ge=0, le=3_600, alias="TASKMAN_SHUTDOWN_GRACE"
     )
 
+    # Remote hosts (shared by all workers through the database): the circuit breaker
+    # opens after this many consecutive transport errors, 5xx or 429 answers from one
+    # host; probes go out after base * 2^n seconds (with jitter, at most the maximum);
+    # on closing, the host's tasks resume spread over the resume spread.
+    host_failure_threshold: int = Field(
+        default=10, ge=1, le=1_000_000, alias="TASKMAN_HOST_FAILURE_THRESHOLD"
+    )
+    host_cooldown_seconds: float = Field(default=5.0, gt=0, le=3_600, alias="TASKMAN_HOST_COOLDOWN")
+    host_max_cooldown_seconds: float = Field(
+        default=300.0, gt=0, le=86_400, alias="TASKMAN_HOST_MAX_COOLDOWN"
+    )
+    host_resume_spread_seconds: float = Field(
+        default=5.0, ge=0, le=3_600, alias="TASKMAN_HOST_RESUME_SPREAD"
+    )
+    # host=rate entries (api.example.com=5/s), applied to the hosts table when a worker
+    # starts; see worker.remote.host_keys.parse_rate_limits.
+    host_rate_limits: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, alias="TASKMAN_HOST_RATE_LIMITS"
+    )
+
+    @field_validator("host_rate_limits", mode="before")
+    @classmethod
+    def _rate_limits(cls, value: object) -> object:
+        return parse_rate_limits(value) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _floor_below_ceiling(self) -> Settings:
         if self.min_poll_interval_seconds > self.max_poll_interval_seconds:
             raise ValueError("TASKMAN_MIN_POLL_INTERVAL must not exceed TASKMAN_MAX_POLL_INTERVAL")
+        if self.host_cooldown_seconds > self.host_max_cooldown_seconds:
+            raise ValueError("TASKMAN_HOST_COOLDOWN must not exceed TASKMAN_HOST_MAX_COOLDOWN")
         return self
 
     # Connections: what DATABASE_URL keeps between transactions, and where LISTEN works.

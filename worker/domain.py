@@ -190,6 +190,10 @@ class PollOutcome(TypedDict, total=False):
     submitted: bool  # True: the outcome of a submit, not a poll
     poll_url: str  # a submit's job handle (the status URL to poll)
     external_id: str  # a submit's job id, when the profile reads one
+    # For record_host_outcomes only (record_poll_results ignores them): the request's
+    # host key, and a 429's Retry-After in seconds (the host pauses that long).
+    host: str | None
+    retry_after_seconds: float
 
 
 @dataclass(frozen=True)

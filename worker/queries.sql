@@ -254,3 +254,37 @@ limit %(limit)s::integer
 select tasks, events, private_rows, schedule_rows, outbox_rows, done
 from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::float8),
                                   %(batch_size)s::integer, %(dry_run)s::boolean)
+
+-- Remote hosts (worker.polling.hosts): the gate after each claim, what polls say about
+-- their hosts, limits, the overview (edge, CLI) and per-host metrics.
+
+-- name: admit_tasks
+select admitted::text
+from taskman.admit_tasks(%(worker_id)s::text, %(task_ids)s::uuid[], %(hosts)s::text[],
+                         %(cooldown_seconds)s::float8, %(max_cooldown_seconds)s::float8,
+                         %(spread_seconds)s::float8) as admitted
+
+-- name: record_host_outcomes
+select held::text
+from taskman.record_host_outcomes(%(worker_id)s::text, %(outcomes)s::jsonb,
+                                  %(failure_threshold)s::integer, %(cooldown_seconds)s::float8,
+                                  %(max_cooldown_seconds)s::float8, %(spread_seconds)s::float8)
+  as held
+
+-- name: set_host_limits
+select taskman.set_host_limits(%(limits)s::jsonb) as changed
+
+-- name: reset_host
+select taskman.reset_host(%(host)s::text, %(spread_seconds)s::float8) as host
+
+-- name: host_status
+select taskman.host_status() as hosts
+
+-- name: host_metrics
+-- Every host with a row, and its live tasks (task_schedule_host_idx).
+select h.host, h.state = 'open' as open, coalesce(h.paused_until > now(), false) as paused,
+       h.consecutive_failures, h.failures_total, h.throttled_total, h.rate_limit,
+       (select count(*) from taskman_private.task_schedule s
+        where s.host = h.host and s.next_poll_at is not null) as tasks_waiting
+from taskman_private.hosts h
+order by h.host

@@ -314,3 +314,57 @@ async def record_outbox_results(
             "results": db.json_arg(list(results)), "max_attempts": max_attempts,
             "base_delay_seconds": base_delay_seconds, "max_delay_seconds": max_delay_seconds})
         return await cur.fetchall()
+
+
+# --- remote hosts ---------------------------------------------------------------------------
+
+
+async def admit_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
+                      tasks: Sequence[tuple[str, str | None]], *, cooldown_seconds: float,
+                      max_cooldown_seconds: float, spread_seconds: float) -> set[str]:
+    """Of claimed ``(task_id, host)`` pairs, the task ids their hosts let go now; the
+    others are back in the schedule."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("admit_tasks"), {
+            "worker_id": worker_id, "task_ids": [t for t, _ in tasks],
+            "hosts": [h for _, h in tasks], "cooldown_seconds": cooldown_seconds,
+            "max_cooldown_seconds": max_cooldown_seconds, "spread_seconds": spread_seconds})
+        return set(await cur.fetchall())
+
+
+async def record_host_outcomes(conn: psycopg.AsyncConnection[Any], worker_id: str,
+                               outcomes: Sequence[Row], *, failure_threshold: int,
+                               cooldown_seconds: float, max_cooldown_seconds: float,
+                               spread_seconds: float) -> set[str]:
+    """Record what a batch of polls says about their hosts; returns the task ids of the
+    failed polls held back (released to the schedule: not to be recorded)."""
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("record_host_outcomes"), {
+            "worker_id": worker_id, "outcomes": db.json_arg(list(outcomes)),
+            "failure_threshold": failure_threshold, "cooldown_seconds": cooldown_seconds,
+            "max_cooldown_seconds": max_cooldown_seconds, "spread_seconds": spread_seconds})
+        return set(await cur.fetchall())
+
+
+async def set_host_limits(conn: psycopg.AsyncConnection[Any],
+                          limits: dict[str, float | None]) -> int:
+    """Set hosts' rate limits (requests per second; None removes one); returns how many
+    changed."""
+    return int(await _ascalar(conn, "set_host_limits", {"limits": db.json_arg(limits)}))
+
+
+def reset_host(conn: psycopg.Connection[Any], host: str, spread_seconds: float) -> Row | None:
+    """Close ``host``'s circuit by hand; its row after, or None for an unknown host."""
+    result: Row | None = _scalar(conn, "reset_host", {"host": host,
+                                                      "spread_seconds": spread_seconds})
+    return result
+
+
+def host_status(conn: psycopg.Connection[Any]) -> list[Row]:
+    """Hosts holding tasks back or failing, with the tasks waiting on each (the caller's)."""
+    return list(_scalar(conn, "host_status") or [])
+
+
+def host_metrics(conn: psycopg.Connection[Any]) -> list[Row]:
+    """Every known host's state and counters, for /metrics."""
+    return _rows(conn, "host_metrics")

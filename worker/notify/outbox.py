@@ -44,7 +44,7 @@ from worker.domain import ServiceContext
 from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.refusals import RefusedCallbacks
-from worker.notify.slack import SlackAlerter, alert_text
+from worker.notify.slack import SlackAlerter, alert_text, host_alert_text, is_host_alert
 from worker.remote import backoff
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class OutboxRow:
     None if it could not be read (``problem`` says why)."""
 
     outbox_id: int
-    task_id: UUID
+    task_id: UUID | None  # None for a host alert
     channel: str
     payload: dict[str, Any] | None
     attempts: int
@@ -84,7 +84,7 @@ class OutboxRow:
     headers: dict[str, str] | None = None  # a callback's callback_headers (service-only)
 
     @classmethod
-    def claimed(cls, outbox_id: int, task_id: UUID, channel: str, payload: str,
+    def claimed(cls, outbox_id: int, task_id: UUID | None, channel: str, payload: str,
                 attempts: int, headers: dict[str, str] | None = None) -> OutboxRow:
         """A row as ``outbox_claim`` returns it, its payload (JSON text) parsed here."""
         try:
@@ -170,7 +170,25 @@ class OutboxDispatcher:
         return await _record(self._settings, conn, results)
 
     async def _deliver_alerts(self, rows: Sequence[OutboxRow]) -> list[dict[str, Any]]:
-        """Every alert of the batch in one Slack message; its fate is theirs."""
+        """Every task alert of the batch in one Slack message, whose fate is theirs; a
+        host's circuit opening or closing in a message of its own."""
+        hosts = [r for r in rows if is_host_alert(r.payload)]
+        tasks = [r for r in rows if not is_host_alert(r.payload)]
+        sent = [await self._deliver_task_alerts(tasks)]
+        sent += [await self._deliver_host_alert(r) for r in hosts]
+        return [result for results in sent for result in results]
+
+    async def _deliver_host_alert(self, row: OutboxRow) -> list[dict[str, Any]]:
+        assert row.payload is not None  # run_once records unreadable rows apart
+        if self._slack is None:
+            return [self._result(row, Delivery("given_up", reason="slack_not_configured"))]
+        try:
+            delivery = await asyncio.to_thread(self._slack.send, host_alert_text(row.payload))
+        except Exception as exc:
+            delivery = _unexpected("host alert", [row], exc)
+        return [self._result(row, delivery)]
+
+    async def _deliver_task_alerts(self, rows: Sequence[OutboxRow]) -> list[dict[str, Any]]:
         if not rows:
             return []
         if self._slack is None:

@@ -59,6 +59,25 @@ def alert_text(tasks: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def is_host_alert(payload: Mapping[str, Any] | None) -> bool:
+    """Whether an outbox payload is a host's circuit opening or closing (not a task)."""
+    return payload is not None and payload.get("kind") == "host_circuit"
+
+
+def host_alert_text(alert: Mapping[str, Any]) -> str:
+    """The message for a host's circuit opening or closing: the host, since when, the
+    tasks waiting on it and the last error."""
+    host = _escape(alert.get("host"))
+    since = _escape(alert.get("since") or "unknown")
+    waiting = int(alert.get("tasks_waiting") or 0)
+    if alert.get("event") == "opened":
+        return (f":no_entry: Taskman: host `{host}` is failing; its circuit is open since "
+                f"{since}. {waiting} tasks wait for it (probing with backoff). "
+                f"Last error: {_escape(alert.get('last_error') or 'unknown')}.")
+    return (f":white_check_mark: Taskman: host `{host}` answers again; its circuit is closed "
+            f"(open since {since}). {waiting} tasks resume.")
+
+
 class SlackAlerter:
     """Sends alert text to one Slack destination. Blocking: call it from a thread.
 

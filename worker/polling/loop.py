@@ -2,14 +2,17 @@
 
 One asyncio loop runs a few long-lived coroutines beside the polls themselves:
 
-- the claimer claims as many due tasks as there are free poll slots, then sleeps until
+- the claimer claims as many due tasks as there are free poll slots (and, in the same
+  transaction, lets through those their hosts allow now: worker.polling.hosts), then
+  sleeps until
   a NOTIFY on ``taskman`` says a task is new (or retried), or the next one falls due;
   while it cannot LISTEN (behind a transaction pooler with no separate listen URL, or
   while the listen connection is down) it checks the due index every
   ``change_check_interval`` seconds instead;
 - each claimed task is polled in its own coroutine, within the global limit
   (``concurrency``) and its host's limit (``per_host_concurrency``);
-- the recorder writes finished polls with one ``record_poll_results`` call a batch;
+- the recorder writes finished polls with one ``record_poll_results`` call a batch,
+  after telling the host table what they say about their hosts;
 - periodic jobs: the overdue sweep, and whatever else is given (Slack alerts);
 - services: long-running work beside polling (callback delivery), woken by a NOTIFY on
   a channel of their own, which the listener subscribes to beside ``taskman``.
@@ -41,10 +44,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from worker import db, store
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome, ServiceContext
+from worker.polling.hosts import HostGate
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.poller import Poller, make_session
 from worker.polling.submitter import Submitter
 from worker.remote import backoff
+from worker.remote.host_keys import host_key
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +139,7 @@ class Worker:
         self._poller: Poller
         self._submitter: Submitter
         self._hosts = _HostLimits(settings.per_host_concurrency)
+        self._gate = HostGate(settings, self.worker_id)
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
         self._polling = 0  # polls not yet finished (slots in use)
         self._slot_freed = asyncio.Event()
@@ -287,11 +293,12 @@ class Worker:
     async def _claim(self, batch_size: int) -> list[ClaimedTask]:
         started = time.perf_counter()
         lease_ends = time.monotonic() + self.settings.lease_seconds  # no later than the DB's
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
             claimed = await store.claim_due_tasks(conn, self.worker_id, batch_size,
                                                   self.settings.lease_seconds)
+            admitted = await self._gate.admit_tasks(conn, claimed)
         self.metrics.claim_latency.observe(time.perf_counter() - started)
-        for task in claimed:
+        for task in admitted:
             self._start_poll(task, lease_ends)
         return claimed
 
@@ -374,6 +381,7 @@ class Worker:
             self._polling -= 1
             self._slot_freed.set()
         if outcome is not None:
+            outcome["host"] = host_key(task.poll_url)
             self.metrics.count_poll(outcome)
             self._outcomes.append(outcome)
             self._outcome_added.set()
@@ -456,9 +464,11 @@ class Worker:
 
     async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
-        polled = [self._serialized(o) for o in batch if o.get("status") != "cancelled"]
-        cancelled = [self._serialized(o) for o in batch if o.get("status") == "cancelled"]
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
+            held = await self._gate.report(conn, batch)
+            kept = [o for o in batch if o["task_id"] not in held]
+            polled = [self._serialized(o) for o in kept if o.get("status") != "cancelled"]
+            cancelled = [self._serialized(o) for o in kept if o.get("status") == "cancelled"]
             if polled:
                 await store.record_poll_results(conn, "[" + ",".join(polled) + "]")
             if cancelled:  # rare: a second statement only for batches that have one

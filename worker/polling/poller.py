@@ -183,7 +183,10 @@ class Poller:
         seen: PollOutcome = {"http_status": code, "raw_response": raw}
         if backoff.is_transient_status(code):
             wait = _retry_after(answer) if code in (429, 503) else None
-            return seen | self._retry(task, "http_status", f"HTTP {code}", wait=wait)
+            retry = self._retry(task, "http_status", f"HTTP {code}", wait=wait)
+            if code == 429 and wait is not None:
+                retry["retry_after_seconds"] = wait  # pauses the host, not only the task
+            return seen | retry
         if 400 <= code < 500:
             message = f"The status endpoint refused the request (HTTP {code})."
             return seen | _failed("poll_error", "http_status", message, raw_error=f"HTTP {code}")

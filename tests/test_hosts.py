@@ -1,0 +1,242 @@
+"""Remote hosts shared by all workers: circuit breakers, Retry-After pauses and rate limits,
+against real servers on 127.0.0.1 and a real database."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import psycopg
+import pytest
+
+from tests.factories import create_task, schedule_row, task_row
+from tests.remote_api import Reply, remote_api
+from tests.worker_harness import running_worker, start_worker_process, wait_until
+from worker.remote.host_keys import host_key, parse_rate_limits
+
+DONE = Reply(json={"status": "done", "result": {"ok": True}})
+# Short cool-downs: an outage of a few seconds sees a few probes.
+BREAKER = {"TASKMAN_HOST_FAILURE_THRESHOLD": "3", "TASKMAN_HOST_COOLDOWN": "0.25",
+           "TASKMAN_HOST_MAX_COOLDOWN": "0.6", "TASKMAN_HOST_RESUME_SPREAD": "0.3"}
+
+
+def host_row(conn: psycopg.Connection, host: str) -> dict | None:
+    return conn.execute("select * from taskman_private.hosts where host = %s",
+                        (host,)).fetchone()
+
+
+def host_alerts(conn: psycopg.Connection) -> list[dict]:
+    return [r["payload"] for r in conn.execute(
+        "select payload from taskman_private.outbox"
+        " where task_id is null and channel = 'slack' order by outbox_id")]
+
+
+def statuses(conn: psycopg.Connection, ids: list[str]) -> Counter:
+    rows = conn.execute("select status, error_code from taskman.tasks where task_id = any(%s)",
+                        (ids,)).fetchall()
+    return Counter((r["status"], r["error_code"]) for r in rows)
+
+
+@pytest.mark.parametrize("url, key", [
+    ("https://API.Example.com/jobs/1", "https://api.example.com:443"),
+    ("http://api.example.com/x?y=1", "http://api.example.com:80"),
+    ("https://user:pw@api.example.com:8443/a", "https://api.example.com:8443"),
+    ("http://127.0.0.1:0080", "http://127.0.0.1:80"),
+    ("http://[::1]:9000/jobs", "http://[::1]:9000"),
+    ("HTTPS://h#frag", "https://h:443"),
+    ("ftp://files.example.com/x", "ftp://files.example.com"),
+    ("https://h:99x/", None),
+    ("not a url", None),
+    ("https:///nohost", None),
+])
+def test_python_and_sql_derive_the_same_host_key(conn, url, key) -> None:
+    assert host_key(url) == key
+    assert conn.execute("select taskman_private.host_key(%s) as k", (url,)).fetchone()["k"] == key
+
+
+def test_rate_limit_setting_names_hosts_like_poll_urls() -> None:
+    assert parse_rate_limits("api.example.com=5/s, http://10.0.0.7:8080=120/m,b.io:8443=2") == {
+        "https://api.example.com:443": 5.0, "http://10.0.0.7:8080": 2.0,
+        "https://b.io:8443": 2.0}
+    for bad in ("api.example.com", "api.example.com=fast", "=5/s", "a.io=0/s", "a.io=5/h"):
+        with pytest.raises(ValueError, match="entry|rate"):
+            parse_rate_limits(bad)
+
+
+def test_a_host_down_then_back_is_probed_a_few_times_and_no_task_spends_its_budget(
+        conn, database_url, remote) -> None:
+    remote.default = Reply(503, json={"error": "unavailable"})
+    remote.stop()  # connection refused first
+    key = host_key(remote.url())
+    with running_worker(database_url, **BREAKER):
+        ids = [create_task(conn, poll_url=remote.url(f"/jobs/{i}"), max_attempts=5,
+                           poll_interval_seconds=1)["task_id"] for i in range(20)]
+        wait_until(lambda: (row := host_row(conn, key)) and row["state"] == "open")
+        time.sleep(0.2)  # the polls in flight when it opened come back
+        failures_at_open = host_row(conn, key)["failures_total"]
+        time.sleep(1.5)
+        refused_probes = host_row(conn, key)["failures_total"] - failures_at_open
+        remote.start()  # the host answers again, with 503s
+        time.sleep(1.5)
+        hits_during_503s = len(remote.hits())
+        remote.default = DONE
+        wait_until(lambda: statuses(conn, ids)[("completed", None)] == 20, timeout=20)
+
+    assert statuses(conn, ids) == Counter({("completed", None): 20})
+    # Without the breaker: 20 tasks retried every 0.05-0.2 s, about 150 polls a second.
+    assert 1 <= refused_probes <= 8
+    assert 1 <= hits_during_503s <= 6
+    assert max(schedule_row(conn, i)["error_count"] for i in ids) == 0
+    assert max(task_row(conn, i)["attempt_count"] for i in ids) <= 3
+    row = host_row(conn, key)
+    assert (row["state"], row["consecutive_failures"]) == ("closed", 0)
+    alerts = host_alerts(conn)
+    assert [(a["event"], a["host"]) for a in alerts] == [("opened", key), ("closed", key)]
+    assert alerts[0]["tasks_waiting"] == 20
+    assert alerts[0]["last_error"] == "connection_error"
+    assert alerts[0]["since"] is not None
+
+
+def test_resumed_tasks_are_spread_out_not_sent_in_one_instant(conn, database_url,
+                                                              remote) -> None:
+    remote.default = Reply(503)
+    key = host_key(remote.url())
+    env = {**BREAKER, "TASKMAN_HOST_COOLDOWN": "0.3", "TASKMAN_HOST_MAX_COOLDOWN": "0.3",
+           "TASKMAN_HOST_RESUME_SPREAD": "2"}
+    with running_worker(database_url, **env):
+        ids = [create_task(conn, poll_url=remote.url(f"/jobs/{i}"))["task_id"]
+               for i in range(30)]
+        wait_until(lambda: (row := host_row(conn, key)) and row["state"] == "open")
+        remote.default = DONE
+        recovered = time.monotonic()
+        wait_until(lambda: statuses(conn, ids)[("completed", None)] == 30, timeout=20)
+    done = sorted(h.at - recovered for h in remote.hits() if h.status == 200)
+    assert len(done) >= 30
+    assert done[-1] - done[0] > 0.8  # spread over the resume window, not one burst
+
+
+def test_one_host_down_leaves_another_hosts_tasks_alone(conn, database_url, remote) -> None:
+    remote.stop()
+    down = host_key(remote.url())
+    with remote_api(Reply(json={"status": "running"})) as healthy:
+        with running_worker(database_url, **BREAKER):
+            dead = [create_task(conn, poll_url=remote.url(f"/d/{i}"))["task_id"]
+                    for i in range(10)]
+            wait_until(lambda: (row := host_row(conn, down)) and row["state"] == "open")
+            started = time.monotonic()
+            alive = [create_task(conn, poll_url=healthy.url(f"/a/{i}"), max_attempts=2,
+                                 poll_interval_seconds=1)["task_id"]
+                     for i in range(10)]
+            wait_until(lambda: statuses(conn, alive)[("in_progress", None)] == 10, timeout=5)
+            healthy.default = DONE
+            wait_until(lambda: statuses(conn, alive)[("completed", None)] == 10, timeout=10)
+            took = time.monotonic() - started
+        assert host_row(conn, host_key(healthy.url())) is None  # never failed: no row
+    assert took < 5
+    assert statuses(conn, dead) == Counter({("pending", None): 10})
+
+
+def test_a_task_whose_own_answers_are_bad_fails_alone(conn, database_url, remote) -> None:
+    good = remote.script("/good", DONE)
+    with running_worker(database_url, **BREAKER):
+        bad = [create_task(conn, poll_url=remote.url(f"/missing/{i}"))["task_id"]
+               for i in range(5)]
+        invalid = [create_task(conn, poll_url=remote.script(f"/junk/{i}", Reply(body=b"<html>")),
+                               max_attempts=2)["task_id"] for i in range(5)]
+        wait_until(lambda: statuses(conn, bad + invalid)[("failed", "poll_error")] == 5
+                   and statuses(conn, invalid)[("failed", "invalid_response")] == 5)
+        ok = create_task(conn, poll_url=good)["task_id"]
+        wait_until(lambda: task_row(conn, ok)["status"] == "completed", timeout=5)
+    assert host_row(conn, host_key(remote.url())) is None
+
+
+def test_a_429_with_retry_after_pauses_the_host_not_only_the_task(conn, database_url,
+                                                                  remote) -> None:
+    remote.script("/limited", Reply(429, headers={"Retry-After": "2"}), DONE)
+    with running_worker(database_url, **BREAKER):
+        first = create_task(conn, poll_url=remote.url("/limited"))["task_id"]
+        wait_until(lambda: remote.hits("/limited"))
+        paused_at = time.monotonic()
+        others = [create_task(conn, poll_url=remote.script(f"/other/{i}", DONE))["task_id"]
+                  for i in range(5)]
+        wait_until(lambda: statuses(conn, [first, *others])[("completed", None)] == 6,
+                   timeout=10)
+    later = [h.at - paused_at for h in remote.hits() if h.path.startswith("/other/")]
+    assert min(later) > 1.5  # they waited for the pause
+    assert schedule_row(conn, first)["error_count"] == 0  # no budget spent on the 429
+    assert host_row(conn, host_key(remote.url()))["consecutive_failures"] == 0
+
+
+def test_the_rate_limit_holds_for_three_worker_processes_together(conn, database_url, remote,
+                                                                  workers) -> None:
+    remote.default = DONE
+    key = host_key(remote.url())
+    limit = 10
+    for _ in range(3):
+        workers.append(start_worker_process(
+            database_url, TASKMAN_HOST_RATE_LIMITS=f"{remote.url()}={limit}/s"))
+    # The limit is applied by each worker's first claim.
+    wait_until(lambda: (row := host_row(conn, key)) and row["rate_limit"] == limit, timeout=20)
+    ids = [create_task(conn, poll_url=remote.url(f"/r/{i}"))["task_id"] for i in range(70)]
+    wait_until(lambda: statuses(conn, ids)[("completed", None)] == 70, timeout=30)
+    hits = sorted(h.at for h in remote.hits())
+    assert len(hits) == 70
+    per_second = Counter(int(at - hits[0]) for at in hits)
+    whole_seconds = [per_second[s] for s in range(int(hits[-1] - hits[0]))]
+    assert len(whole_seconds) >= 5
+    assert max(whole_seconds) <= limit * 1.2, per_second
+    rate = (len(hits) - 1) / (hits[-1] - hits[0])
+    assert limit * 0.8 <= rate <= limit * 1.2, rate
+    assert host_row(conn, key)["throttled_total"] > 0
+    assert all(task_row(conn, i)["attempt_count"] == 1 for i in ids)  # held: no poll counted
+
+
+def test_held_tasks_still_time_out_at_their_deadline(conn, database_url, remote) -> None:
+    remote.stop()
+    key = host_key(remote.url())
+    with running_worker(database_url, **BREAKER):
+        ids = [create_task(conn, poll_url=remote.url(f"/t/{i}"))["task_id"] for i in range(5)]
+        wait_until(lambda: (row := host_row(conn, key)) and row["state"] == "open")
+        conn.execute("update taskman.tasks set deadline_at = now() where task_id = any(%s)",
+                     (ids,))
+        conn.execute("select taskman.expire_overdue_tasks()")
+    assert statuses(conn, ids) == Counter({("failed", "timeout"): 5})
+
+
+def test_host_functions_refuse_bad_input_with_22023(conn) -> None:
+    calls = [
+        ("select taskman.admit_tasks('w', array[gen_random_uuid()], array[]::text[])", "hosts"),
+        ("select taskman.admit_tasks('', array[]::uuid[], array[]::text[])", "worker_id"),
+        ("select taskman.record_host_outcomes('w', '{}')", "outcomes"),
+        ("""select taskman.record_host_outcomes('w', '[{"host": "h", "result": "meh"}]')""",
+         "outcomes"),
+        ("select taskman.record_host_outcomes('w', '[]', 0)", "failure_threshold"),
+        ("select taskman.record_host_outcomes('w', '[]', 3, -1)", "cooldown_seconds"),
+        ("""select taskman.set_host_limits('{"api.example.com": 5}')""", "limits"),
+        ("""select taskman.set_host_limits('{"https://a.io:443": 0}')""", "limits"),
+        ("""select taskman.set_host_limits('{"https://a.io:443": "5"}')""", "limits"),
+        ("select taskman.reset_host('')", "host"),
+    ]
+    for sql, field in calls:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=field):
+            conn.execute(sql)
+    assert conn.execute("select count(*) as n from taskman_private.hosts").fetchone()["n"] == 0
+
+
+def test_users_see_only_their_own_hosts_and_tasks_in_the_overview(conn, api) -> None:
+    from tests.factories import USER_A, USER_B
+    for user, url in ((USER_A, "https://a.example.com/1"), (USER_B, "https://b.example.com/1")):
+        with api.request("authenticated", user) as cur:
+            cur.execute("select taskman.create_task(poll_url => %s)", (url,))
+    outcomes = [{"host": h, "result": "failure"} for h in
+                ("https://a.example.com:443", "https://b.example.com:443")]
+    conn.execute("select taskman.record_host_outcomes('w', %s, 1)", (json.dumps(outcomes),))
+    seen = api.rpc("authenticated", "host_status", USER_A)
+    assert [(h["host"], h["state"], h["tasks_waiting"]) for h in seen] == [
+        ("https://a.example.com:443", "open", 1)]
+    everything = conn.execute("select taskman.host_status() as s").fetchone()["s"]
+    assert {h["host"] for h in everything} == {"https://a.example.com:443",
+                                               "https://b.example.com:443"}
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        api.rpc("authenticated", "reset_host", USER_A, host="https://a.example.com:443")
