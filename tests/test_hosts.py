@@ -4,6 +4,7 @@ against real servers on 127.0.0.1 and a real database."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 
@@ -11,7 +12,8 @@ import psycopg
 import pytest
 
 from tests.factories import create_task, schedule_row, task_row
-from tests.remote_api import Reply, remote_api
+from tests.remote_api import Reply, remote_api, start_receiver
+from tests.test_outbox import dispatch, end_task, make_settings
 from tests.worker_harness import running_worker, start_worker_process, wait_until
 from worker.remote.host_keys import host_key, parse_rate_limits
 
@@ -60,7 +62,7 @@ def test_rate_limit_setting_names_hosts_like_poll_urls() -> None:
         "https://api.example.com:443": 5.0, "http://10.0.0.7:8080": 2.0,
         "https://b.io:8443": 2.0}
     for bad in ("api.example.com", "api.example.com=fast", "=5/s", "a.io=0/s", "a.io=5/h"):
-        with pytest.raises(ValueError, match="entry|rate"):
+        with pytest.raises(ValueError, match=r"entry|rate"):
             parse_rate_limits(bad)
 
 
@@ -240,3 +242,33 @@ def test_users_see_only_their_own_hosts_and_tasks_in_the_overview(conn, api) -> 
                                                "https://b.example.com:443"}
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         api.rpc("authenticated", "reset_host", USER_A, host="https://a.example.com:443")
+
+
+def test_an_outage_sends_one_slack_message_on_open_and_one_on_close(conn, database_url) -> None:
+    receiver = start_receiver(answer="ok")
+    try:
+        settings = make_settings(receiver)
+        host = "https://api.example.com:443"
+        for _ in range(4):
+            create_task(conn)
+        failed = [create_task(conn)["task_id"] for _ in range(2)]
+        failures = [{"host": host, "result": "failure", "error": "connection_error"}] * 5
+        for _ in range(2):  # more failures while open: still one alert
+            conn.execute("select taskman.record_host_outcomes('w', %s, 3)",
+                         (json.dumps(failures),))
+        for task_id in failed:  # tasks failing during the outage: the digest as before
+            end_task(conn, task_id, "failed")
+        assert dispatch(database_url, settings).delivered == 3
+        conn.execute("select taskman.record_host_outcomes('w', %s, 3)",
+                     (json.dumps([{"host": host, "result": "success"}]),))
+        assert dispatch(database_url, settings).delivered == 1
+        texts = [h.json()["text"] for h in receiver.hits()]
+    finally:
+        receiver.stop()
+    opened, digest, closed = (next(t for t in texts if "is failing" in t),
+                              next(t for t in texts if "2 tasks failed" in t), texts[-1])
+    assert len(texts) == 3
+    assert host in opened and "connection_error" in opened and "6 tasks wait" in opened
+    assert re.search(r"open since 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC", opened)
+    assert all(i in digest for i in failed)
+    assert host in closed and "circuit is closed" in closed and "4 tasks resume" in closed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import uuid
@@ -199,3 +200,17 @@ def test_the_task_page_shows_submit_state_and_priority(page, service, db) -> Non
                (task["task_id"],))
     _row(page, task["task_id"]).click()
     expect(page.locator("#submit-state")).to_contain_text("polling https://api.example.com/jobs/9")
+
+
+def test_hosts_holding_tasks_back_are_listed_with_their_waiting_tasks(page, service,
+                                                                      db) -> None:
+    host = f"https://d{uuid.uuid4().hex[:8]}.example.com:443"
+    outcome = [{"host": host, "result": "failure", "error": "connection_error"}]
+    db.execute("select taskman.record_host_outcomes('w', %s, 1)", (json.dumps(outcome),))
+    _create(service, poll_url=f"{host}/jobs/1")  # its event refreshes the page
+    row = page.locator(f'#hosts-panel:not(.hidden) tr[data-host="{host}"]')
+    row.wait_for()
+    assert row.locator(".badge").inner_text() == "open"
+    assert row.locator(".waiting").inner_text() == "1"
+    assert "connection_error" in row.inner_text()
+    assert page.console_errors == []

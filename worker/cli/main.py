@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from worker import migrate as migrations
+from worker.cli.hosts_command import add_hosts_command
 from worker.cli.notification_commands import add_notification_commands
 from worker.cli.prune_command import add_prune_command
 from worker.cli.task_commands import CommandError, add_task_commands
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_commands(commands, _with_database)
     add_notification_commands(commands, _with_database)
     add_prune_command(commands, _with_database)
+    add_hosts_command(commands, _with_database)
     return parser
 
 

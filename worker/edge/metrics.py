@@ -1,4 +1,5 @@
-"""Prometheus metrics of the edge: requests by route and status, latency, tasks by status.
+"""Prometheus metrics of the edge: requests by route and status, latency, tasks by status,
+remote hosts.
 
 Each app has its own registry, so several apps in one process (tests) do not clash.
 Task counts are computed when Prometheus scrapes, not kept up to date in memory.
@@ -11,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +49,53 @@ class TaskStatusCollector(Collector):
         yield tasks
 
 
+class HostCollector(Collector):
+    """Per-host series from the shared host table, read at scrape time: circuit state,
+    consecutive and total failures, throttled requests, rate limit, tasks waiting."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with self._pool.connection(timeout=5) as conn, db.api_session(
+                conn, SERVICE.role, SERVICE.claims
+            ):
+                hosts = store.host_metrics(conn)
+        except Exception as exc:  # taskman_database_up already says the database is down
+            log.warning("metrics: cannot read hosts: %s", exc)
+            return
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "open": GaugeMetricFamily("taskman_host_circuit_open",
+                                      "1 while the host's circuit is open.", labels=["host"]),
+            "paused": GaugeMetricFamily("taskman_host_paused",
+                                        "1 while the host is paused by a Retry-After.",
+                                        labels=["host"]),
+            "consecutive_failures": GaugeMetricFamily(
+                "taskman_host_consecutive_failures",
+                "Transport errors, 5xx and 429 answers from the host since its last success.",
+                labels=["host"]),
+            "failures_total": CounterMetricFamily(
+                "taskman_host_failures", "Transport errors, 5xx and 429 answers from the host.",
+                labels=["host"]),
+            "throttled_total": CounterMetricFamily(
+                "taskman_host_throttled",
+                "Requests held back by the host's circuit, pause or rate limit.",
+                labels=["host"]),
+            "tasks_waiting": GaugeMetricFamily("taskman_host_tasks_waiting",
+                                               "Live tasks polled on the host.", labels=["host"]),
+            "rate_limit": GaugeMetricFamily(
+                "taskman_host_rate_limit", "The host's rate limit in requests per second.",
+                labels=["host"]),
+        }
+        for host in hosts:
+            for column, family in families.items():
+                value = host[column]
+                if value is not None:
+                    family.add_metric([host["host"]], float(value))
+        yield from families.values()
+
+
 class EdgeMetrics:
     """The registry of one app and the instruments the middleware updates."""
 
@@ -66,6 +114,7 @@ class EdgeMetrics:
             registry=self.registry,
         )
         self.registry.register(TaskStatusCollector(pool))
+        self.registry.register(HostCollector(pool))
 
 
 class MetricsMiddleware:

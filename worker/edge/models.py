@@ -168,6 +168,21 @@ class Stats(BaseModel):
     duration_seconds: Durations
 
 
+class Host(BaseModel):
+    """A remote host holding tasks back (open circuit, Retry-After pause, rate limit)
+    or failing, and how many of the caller's live tasks wait on it."""
+
+    host: str = Field(description="scheme://host:port, as Taskman keys hosts")
+    state: Literal["closed", "open", "paused"]
+    since: datetime | None = Field(description="When the circuit opened (if open).")
+    next_probe_at: datetime | None
+    paused_until: datetime | None
+    consecutive_failures: int
+    last_error: str | None
+    rate_limit: float | None = Field(description="Requests per second, for all workers.")
+    tasks_waiting: int
+
+
 class CallbackAck(BaseModel):
     """The answer to a callback token holder's report: deliberately minimal."""
 

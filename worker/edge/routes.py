@@ -35,6 +35,7 @@ from worker.edge.models import (
     DateTimeParam,
     EventPage,
     Health,
+    Host,
     RetriedTask,
     Stats,
     Task,
@@ -230,6 +231,15 @@ def stats(
     since: Annotated[DateTimeParam | None, Query(description="Default: 7 days ago.")] = None,
 ) -> Any:
     return _call(request, caller, store.task_stats, since)
+
+
+@router.get("/hosts", response_model=list[Host],
+            summary="Remote hosts holding the caller's tasks back")
+def hosts(request: Request, caller: Caller) -> Any:
+    """Hosts with an open circuit, a Retry-After pause, a rate limit or recent failures,
+    with how many live tasks wait on each: all of them for the service, the caller's
+    own for a user."""
+    return _call(request, caller, store.host_status)
 
 
 # --- the seed's n8n routes -----------------------------------------------------------------

@@ -68,7 +68,7 @@ def host_alert_text(alert: Mapping[str, Any]) -> str:
     """The message for a host's circuit opening or closing: the host, since when, the
     tasks waiting on it and the last error."""
     host = _escape(alert.get("host"))
-    since = _escape(alert.get("since") or "unknown")
+    since = _escape(_when(alert.get("since")))
     waiting = int(alert.get("tasks_waiting") or 0)
     if alert.get("event") == "opened":
         return (f":no_entry: Taskman: host `{host}` is failing; its circuit is open since "
@@ -76,6 +76,14 @@ def host_alert_text(alert: Mapping[str, Any]) -> str:
                 f"Last error: {_escape(alert.get('last_error') or 'unknown')}.")
     return (f":white_check_mark: Taskman: host `{host}` answers again; its circuit is closed "
             f"(open since {since}). {waiting} tasks resume.")
+
+
+def _when(iso: object) -> str:
+    """An ISO timestamp as ``2026-12-01 17:30:05 UTC``."""
+    try:
+        return datetime.fromisoformat(str(iso)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return "an unknown time"
 
 
 class SlackAlerter:
