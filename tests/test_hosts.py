@@ -10,11 +10,14 @@ from collections import Counter
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from tests.factories import create_task, schedule_row, task_row
 from tests.remote_api import Reply, remote_api, start_receiver
 from tests.test_outbox import dispatch, end_task, make_settings
+from tests.test_quiet_polls import decoding  # noqa: F401  (a fixture)
 from tests.worker_harness import running_worker, start_worker_process, wait_until
+from worker.migrate import MIGRATIONS_DIR, migrate
 from worker.remote.host_keys import host_key, parse_rate_limits
 
 DONE = Reply(json={"status": "done", "result": {"ok": True}})
@@ -272,3 +275,67 @@ def test_an_outage_sends_one_slack_message_on_open_and_one_on_close(conn, databa
     assert re.search(r"open since 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC", opened)
     assert all(i in digest for i in failed)
     assert host in closed and "circuit is closed" in closed and "4 tasks resume" in closed
+
+
+def test_gating_and_holding_tasks_write_nothing_subscribers_receive(
+        conn, decoding) -> None:  # noqa: F811
+    host = "https://api.example.com:443"
+    ids = [create_task(conn)["task_id"] for _ in range(5)]
+    failures = [{"task_id": i, "host": host, "result": "failure"} for i in ids]
+
+    def claim_and_admit() -> list[str]:
+        claimed = [str(r["task_id"]) for r in conn.execute(
+            "select task_id from taskman.claim_due_tasks('w1', 100, 60)")]
+        return [r["a"] for r in conn.execute(
+            "select a::text from taskman.admit_tasks('w1', %s::uuid[], %s, 0.05, 0.05) as a",
+            (claimed, [host] * len(claimed)))]
+
+    decoding()  # the inserts
+    assert len(claim_and_admit()) == 5  # no host row yet: all go
+    conn.execute("select taskman.record_host_outcomes('w1', %s, 3, 0.05, 0.05)",
+                 (json.dumps(failures),))
+    conn.execute("update taskman_private.task_schedule set next_poll_at = now()")
+    assert claim_and_admit() == []  # open, probe not due: all held
+    time.sleep(0.1)
+    conn.execute("update taskman_private.task_schedule set next_poll_at = now()")
+    [probe] = claim_and_admit()
+    conn.execute("select taskman.record_host_outcomes('w1', %s, 3)",
+                 (json.dumps([{"task_id": probe, "host": host, "result": "failure"}]),))
+    assert schedule_row(conn, probe)["lease_owner"] is None  # held back, released
+    conn.execute("select taskman.reset_host(%s)", (host,))
+    conn.execute("select taskman.set_host_limits(%s)", (json.dumps({host: 1}),))
+    conn.execute("update taskman_private.task_schedule set next_poll_at = now()")
+    assert len(claim_and_admit()) == 1  # one slot now, the others later
+    assert decoding() == []
+
+
+def test_upgrading_a_database_with_tasks_keys_their_schedules_by_host(server_url,
+                                                                     tmp_path) -> None:
+    before = [m for m in sorted(MIGRATIONS_DIR.glob("*.sql")) if m.name < "20261201001200"]
+    for migration in before:
+        (tmp_path / migration.name).symlink_to(migration)
+    name = f"taskman_hosts_upgrade_{time.monotonic_ns()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"create database {name}")
+    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+    try:
+        migrate(url, tmp_path)
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            live = create_task(conn, poll_url="https://API.example.com/jobs/1")["task_id"]
+            waiting = create_task(conn, poll_url=None, task_type="callback")["task_id"]
+            done = create_task(conn, poll_url="http://other.example.com:8080/j")["task_id"]
+            conn.execute("select taskman.update_task(%s, 'failed')", (done,))
+        migrate(url)
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            hosts = {str(r["task_id"]): r["host"] for r in conn.execute(
+                "select task_id, host from taskman_private.task_schedule")}
+            assert hosts == {live: "https://api.example.com:443", waiting: None,
+                             done: "http://other.example.com:8080"}
+            conn.execute("update taskman.tasks set poll_url = 'https://new.example.com/x'"
+                         " where task_id = %s", (waiting,))
+            assert schedule_row(conn, waiting)["host"] == "https://new.example.com:443"
+            [alert] = conn.execute("select channel, payload from taskman_private.outbox").fetchall()
+            assert alert["channel"] == "slack"  # the failed task's alert, as before
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"drop database if exists {name} with (force)")
