@@ -123,9 +123,10 @@ def test_service_role_reads_private_task_data(api, world) -> None:
 
 WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_tasks",
                     "release_tasks", "claim_outbox", "record_outbox_results",
-                    "prune_finished_tasks", "record_remote_cancellations"}
+                    "prune_finished_tasks", "record_remote_cancellations", "admit_tasks",
+                    "record_host_outcomes", "reset_host", "set_host_limits"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
-                  "task_json"}
+                  "task_json", "host_status"}
 
 
 def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
@@ -149,6 +150,10 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select taskman.expire_overdue_tasks()",
     "select taskman.release_tasks('w1')",
     "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
+    "select * from taskman.admit_tasks('w1', array[]::uuid[], array[]::text[])",
+    "select * from taskman.record_host_outcomes('w1', '[]')",
+    "select taskman.reset_host('https://api.example.com:443')",
+    """select taskman.set_host_limits('{"https://api.example.com:443": 1}')""",
 ])
 def test_api_users_cannot_run_worker_functions(api, world, role, sub, call) -> None:
     assert _attempt(api, role, sub, call) == DENIED

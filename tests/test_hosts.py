@@ -75,8 +75,9 @@ def test_a_host_down_then_back_is_probed_a_few_times_and_no_task_spends_its_budg
     remote.stop()  # connection refused first
     key = host_key(remote.url())
     with running_worker(database_url, **BREAKER):
-        ids = [create_task(conn, poll_url=remote.url(f"/jobs/{i}"), max_attempts=5,
-                           poll_interval_seconds=1)["task_id"] for i in range(20)]
+        with conn.transaction():
+            ids = [create_task(conn, poll_url=remote.url(f"/jobs/{i}"), max_attempts=5,
+                               poll_interval_seconds=1)["task_id"] for i in range(20)]
         wait_until(lambda: (row := host_row(conn, key)) and row["state"] == "open")
         time.sleep(0.2)  # the polls in flight when it opened come back
         failures_at_open = host_row(conn, key)["failures_total"]

@@ -709,4 +709,5 @@ grant execute on function
                                double precision),
   taskman.reset_host(text, double precision), taskman.set_host_limits(jsonb)
   to service_role;
+revoke all on function taskman.host_status() from public, anon;
 grant execute on function taskman.host_status() to authenticated, service_role;
