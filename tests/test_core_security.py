@@ -150,7 +150,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select taskman.expire_overdue_tasks()",
     "select taskman.release_tasks('w1')",
     "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
-    "select * from taskman.admit_tasks('w1', array[]::uuid[], array[]::text[])",
+    "select * from taskman.admit_tasks('w1', '[]')",
     "select * from taskman.record_host_outcomes('w1', '[]')",
     "select taskman.reset_host('https://api.example.com:443')",
     """select taskman.set_host_limits('{"https://api.example.com:443": 1}')""",

@@ -212,8 +212,9 @@ def test_held_tasks_still_time_out_at_their_deadline(conn, database_url, remote)
 
 def test_host_functions_refuse_bad_input_with_22023(conn) -> None:
     calls = [
-        ("select taskman.admit_tasks('w', array[gen_random_uuid()], array[]::text[])", "hosts"),
-        ("select taskman.admit_tasks('', array[]::uuid[], array[]::text[])", "worker_id"),
+        ("select taskman.admit_tasks('w', '{}')", "requests"),
+        ("select taskman.admit_tasks('', '[]')", "worker_id"),
+        ("select taskman.admit_tasks('w', '[]', 0)", "cooldown_seconds"),
         ("select taskman.record_host_outcomes('w', '{}')", "outcomes"),
         ("""select taskman.record_host_outcomes('w', '[{"host": "h", "result": "meh"}]')""",
          "outcomes"),
@@ -287,9 +288,10 @@ def test_gating_and_holding_tasks_write_nothing_subscribers_receive(
     def claim_and_admit() -> list[str]:
         claimed = [str(r["task_id"]) for r in conn.execute(
             "select task_id from taskman.claim_due_tasks('w1', 100, 60)")]
-        return [r["a"] for r in conn.execute(
-            "select a::text from taskman.admit_tasks('w1', %s::uuid[], %s, 0.05, 0.05) as a",
-            (claimed, [host] * len(claimed)))]
+        requests = json.dumps([{"task_id": t, "host": host} for t in claimed])
+        held = {r["h"] for r in conn.execute(
+            "select h::text from taskman.admit_tasks('w1', %s, 0.05, 0.05) as h", (requests,))}
+        return [t for t in claimed if t not in held]
 
     decoding()  # the inserts
     assert len(claim_and_admit()) == 5  # no host row yet: all go

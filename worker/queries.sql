@@ -259,10 +259,10 @@ from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::
 -- their hosts, limits, the overview (edge, CLI) and per-host metrics.
 
 -- name: admit_tasks
-select admitted::text
-from taskman.admit_tasks(%(worker_id)s::text, %(task_ids)s::uuid[], %(hosts)s::text[],
-                         %(cooldown_seconds)s::float8, %(max_cooldown_seconds)s::float8,
-                         %(spread_seconds)s::float8) as admitted
+-- The requests as JSON text: one parameter, however many tasks.
+select held::text
+from taskman.admit_tasks(%(worker_id)s::text, %(requests)s::jsonb, %(cooldown_seconds)s::float8,
+                         %(max_cooldown_seconds)s::float8, %(spread_seconds)s::float8) as held
 
 -- name: record_host_outcomes
 select held::text

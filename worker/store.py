@@ -7,6 +7,7 @@ own row shape, so callers never depend on a connection's row factory.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -322,12 +323,12 @@ async def record_outbox_results(
 async def admit_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
                       tasks: Sequence[tuple[str, str | None]], *, cooldown_seconds: float,
                       max_cooldown_seconds: float, spread_seconds: float) -> set[str]:
-    """Of claimed ``(task_id, host)`` pairs, the task ids their hosts let go now; the
-    others are back in the schedule."""
+    """Of claimed ``(task_id, host)`` pairs, the task ids their hosts hold back (now
+    back in the schedule); the others may be sent."""
+    requests = json.dumps([{"task_id": t, "host": h} for t, h in tasks])
     async with conn.cursor(row_factory=scalar_row) as cur:
         await cur.execute(_q("admit_tasks"), {
-            "worker_id": worker_id, "task_ids": [t for t, _ in tasks],
-            "hosts": [h for _, h in tasks], "cooldown_seconds": cooldown_seconds,
+            "worker_id": worker_id, "requests": requests, "cooldown_seconds": cooldown_seconds,
             "max_cooldown_seconds": max_cooldown_seconds, "spread_seconds": spread_seconds})
         return set(await cur.fetchall())
 

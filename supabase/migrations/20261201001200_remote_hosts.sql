@@ -8,7 +8,7 @@
 -- - task_schedule.host: each task's poll host (taskman_private.host_key(poll_url)),
 --   kept by triggers, so a host's waiting tasks are found without reading tasks.
 -- - taskman.admit_tasks: after each claim, in the claim's transaction, one call for
---   the batch: the tasks their hosts let go now come back; the others go back to the
+--   the batch: the tasks their hosts do not let go now come back, and are back in the
 --   schedule (lease cleared, next_poll_at = when the host has room: the next probe,
 --   the end of a Retry-After pause, a rate-limit slot). Holding a task writes its
 --   schedule row only: no error budget spent, no poll counted, nothing published.
@@ -229,8 +229,10 @@ as $$
   where h.host = p_host
 $$;
 
--- After a claim (in its transaction): which of the claimed tasks may be polled now.
--- task_ids[i] is to be sent to hosts[i] (its host key). Tasks of a host with an open
+-- After a claim (in its transaction): which of the claimed tasks must wait. Each
+-- element of `requests`: task_id and host (the key of the host it is to be sent to),
+-- in claim order. Returns the tasks held back (none while their hosts restrict
+-- nothing); the others may be sent now. Tasks of a host with an open
 -- circuit wait for the next probe (one task is let through as the probe when it is
 -- due, and the following probe is scheduled after the cool-down); tasks of a host
 -- paused by Retry-After wait for the pause to end (spread over spread_seconds). A
@@ -238,7 +240,7 @@ $$;
 -- the next free one): a task whose slot is now goes; the others keep their slot
 -- (task_schedule.host_slot_at) and are due then, when they go without taking
 -- another. Held tasks go back to the schedule.
-create function taskman.admit_tasks(worker_id text, task_ids uuid[], hosts text[],
+create function taskman.admit_tasks(worker_id text, requests jsonb,
                                     cooldown_seconds double precision default 5,
                                     max_cooldown_seconds double precision default 300,
                                     spread_seconds double precision default 5)
@@ -252,12 +254,11 @@ begin
   if worker_id is null or length(worker_id) not between 1 and 200 then
     perform taskman_private.reject('worker_id', 'must be 1 to 200 characters');
   end if;
-  if task_ids is null or hosts is null
-     or cardinality(task_ids) is distinct from cardinality(hosts) then
-    perform taskman_private.reject('hosts', 'must give one host for each task');
+  if jsonb_typeof(requests) is distinct from 'array' then
+    perform taskman_private.reject('requests', 'must be a JSON array of {task_id, host}');
   end if;
-  if cardinality(task_ids) > 10000 then
-    perform taskman_private.reject('task_ids', 'must list at most 10000 tasks');
+  if jsonb_array_length(requests) > 10000 then
+    perform taskman_private.reject('requests', 'must list at most 10000 tasks');
   end if;
   perform taskman_private.check_host_timing(cooldown_seconds, max_cooldown_seconds, spread_seconds);
 
@@ -265,20 +266,19 @@ begin
   -- the same host take turns; the statement below reads their latest state).
   select array_agg(l.host) into gated
   from (select h.host from taskman_private.hosts h
-        where h.host = any(admit_tasks.hosts)
+        where h.host in (select e ->> 'host' from jsonb_array_elements(requests) e)
           and (h.state = 'open' or h.rate_limit is not null or h.paused_until > now()
                or h.resume_until > now())
         order by h.host
         for update) l;
   if gated is null then
-    return query select unnest(task_ids);
     return;
   end if;
 
   return query
   with batch as (
-    select b.task_id, b.host, b.ord
-    from unnest(task_ids, hosts) with ordinality as b(task_id, host, ord)
+    select (b.e ->> 'task_id')::uuid as task_id, b.e ->> 'host' as host, b.ord
+    from jsonb_array_elements(requests) with ordinality as b(e, ord)
   ),
   ranked as (
     -- pos: place among the host's tasks in the batch; rank: among those without a slot.
@@ -359,9 +359,7 @@ begin
       and (dd.until is not null or s.host_slot_at is not null)
     returning s.task_id
   )
-  select b.task_id from batch b
-  where not exists (select 1 from decided dd where dd.task_id = b.task_id and dd.until is not null)
-  order by b.ord;
+  select dd.task_id from decided dd where dd.until is not null;
 end
 $$;
 
@@ -408,6 +406,14 @@ begin
     perform taskman_private.reject('failure_threshold', 'must be between 1 and 1000000');
   end if;
   perform taskman_private.check_host_timing(cooldown_seconds, max_cooldown_seconds, spread_seconds);
+
+  -- The common case: successes of hosts that were not failing. Nothing to write.
+  if not exists (select 1 from jsonb_array_elements(outcomes) e where e ->> 'result' = 'failure')
+     and not exists (select 1 from taskman_private.hosts x
+                     where x.host in (select e ->> 'host' from jsonb_array_elements(outcomes) e)
+                       and (x.consecutive_failures > 0 or x.state = 'open')) then
+    return;
+  end if;
 
   insert into taskman_private.hosts (host)
   select distinct e ->> 'host' from jsonb_array_elements(outcomes) e
@@ -698,13 +704,13 @@ revoke all on function taskman_private.host_key(text),
 grant execute on function taskman_private.host_status() to authenticated, service_role;
 grant execute on function taskman_private.host_key(text) to service_role;
 revoke all on function
-  taskman.admit_tasks(text, uuid[], text[], double precision, double precision, double precision),
+  taskman.admit_tasks(text, jsonb, double precision, double precision, double precision),
   taskman.record_host_outcomes(text, jsonb, integer, double precision, double precision,
                                double precision),
   taskman.reset_host(text, double precision), taskman.set_host_limits(jsonb)
   from public, anon, authenticated;
 grant execute on function
-  taskman.admit_tasks(text, uuid[], text[], double precision, double precision, double precision),
+  taskman.admit_tasks(text, jsonb, double precision, double precision, double precision),
   taskman.record_host_outcomes(text, jsonb, integer, double precision, double precision,
                                double precision),
   taskman.reset_host(text, double precision), taskman.set_host_limits(jsonb)

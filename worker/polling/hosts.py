@@ -3,7 +3,7 @@ each batch of outcomes (circuit breaker, Retry-After pauses, rate limits).
 
 The state lives in ``taskman_private.hosts``; each call here is one statement for a
 whole batch, made in the transaction of the claim or of the record it goes with.
-Polls use it today; a submit path gates its requests the same way (``admit`` with the
+Polls use it today; a submit path gates its requests the same way (``hold`` with the
 submit URL's host, ``report`` with its outcomes).
 """
 
@@ -63,14 +63,13 @@ class HostGate:
         await self._apply_limits(conn)
         if not claimed:
             return []
-        admitted = await self.admit(conn, [(str(t.task_id), host_key(t.poll_url))
-                                           for t in claimed])
-        return [t for t in claimed if str(t.task_id) in admitted]
+        held = await self.hold(conn, [(str(t.task_id), host_key(t.poll_url)) for t in claimed])
+        return [t for t in claimed if str(t.task_id) not in held]
 
-    async def admit(self, conn: psycopg.AsyncConnection[Any],
-                    requests: Sequence[tuple[str, str | None]]) -> set[str]:
+    async def hold(self, conn: psycopg.AsyncConnection[Any],
+                   requests: Sequence[tuple[str, str | None]]) -> set[str]:
         """Of ``(task_id, host)`` pairs about to be sent (tasks this worker leases), the
-        task ids whose hosts let them go now."""
+        task ids their hosts hold back: they are back in the schedule, not to be sent."""
         await self._apply_limits(conn)
         return await store.admit_tasks(conn, self.worker_id, requests, **self._timing())
 
@@ -99,6 +98,11 @@ class HostGate:
             reports.append({"task_id": outcome["task_id"], "host": host, "result": verdict,
                             "error": _error(outcome) if verdict == "failure" else None,
                             "retry_after_seconds": outcome.get("retry_after_seconds")})
+        # Of a host's successes only the last one tells the database anything (that the
+        # failures before it are not consecutive): a healthy batch sends a row per host.
+        last_success = {r["host"]: i for i, r in enumerate(reports) if r["result"] == "success"}
+        reports = [r for i, r in enumerate(reports)
+                   if r["result"] == "failure" or last_success[r["host"]] == i]
         if not reports:
             return set()
         return await store.record_host_outcomes(
