@@ -2,8 +2,8 @@
 -- by every worker, with a circuit breaker and a rate limit.
 --
 -- - taskman_private.hosts: circuit state, consecutive failures, next probe time, the
---   Retry-After pause, the rate limit (requests per second, a token bucket) and
---   counters (failures, throttled requests). A host has a row once it has failed or
+--   Retry-After pause, the rate limit (requests per second, as send slots 1/rate
+--   apart) and counters (failures, throttled requests). A host has a row once it has failed or
 --   been given a limit; a host without one restricts nothing.
 -- - task_schedule.host: each task's poll host (taskman_private.host_key(poll_url)),
 --   kept by triggers, so a host's waiting tasks are found without reading tasks.
@@ -17,13 +17,15 @@
 --   errors, 5xx, 429). threshold consecutive failures open the circuit (its tasks
 --   wait for the probe time, an alert goes to the outbox); a success closes it (the
 --   tasks resume, spread over a few seconds; an alert). A failed poll against a host
---   that is now open or paused is held back (returned, and released to the schedule)
---   instead of being recorded: it does not spend its task's error budget.
+--   that was already open, or is paused, is held back (returned, and released to the
+--   schedule) instead of being recorded: it does not spend its task's error budget.
+--   (The failures that open a circuit are recorded as before: a lone task against a
+--   dead host still fails after its max_attempts.)
 -- - Host alerts are Slack rows of the outbox without a task (payload kind
 --   'host_circuit'); claim_outbox keeps its order rule for rows that have a task.
 
 -- The host key of a URL: lower-case scheme, '://', lower-case host (IPv6 in
--- brackets), ':', port (the scheme's default when absent). worker/polling/hosts.py
+-- brackets), ':', port (the scheme's default when absent). worker/remote/host_keys.py
 -- derives the same key with the same pattern. Null for text that is not an
 -- absolute URL.
 create function taskman_private.host_key(url text)
@@ -513,7 +515,8 @@ begin
            end as until
     from failed f
     join taskman_private.hosts x on x.host = f.host
-    where x.state = 'open' or x.paused_until > now()
+    where x.state = 'open' and not x.host = any(coalesce(opened, '{}'))
+       or x.paused_until > now()
   )
   update taskman_private.task_schedule s
   set lease_owner = null, lease_expires_at = null, next_poll_at = hd.until
