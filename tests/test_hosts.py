@@ -106,6 +106,23 @@ def test_a_host_down_then_back_is_probed_a_few_times_and_no_task_spends_its_budg
     assert alerts[0]["since"] is not None
 
 
+def test_submits_to_a_host_that_is_down_wait_for_it_too(conn, database_url, remote) -> None:
+    remote.default = Reply(503)
+    key = host_key(remote.url())
+    with running_worker(database_url, **BREAKER):
+        with conn.transaction():
+            ids = [create_task(conn, poll_url=None, submit_url=remote.url(f"/v1/jobs/{i}"),
+                               max_attempts=4)["task_id"] for i in range(10)]
+        assert schedule_row(conn, ids[0])["host"] == key
+        wait_until(lambda: (row := host_row(conn, key)) and row["state"] == "open")
+        time.sleep(1.0)
+        during = len(remote.hits())
+        remote.default = Reply(200, json={"status": "done", "result": {"ok": True}})
+        wait_until(lambda: statuses(conn, ids)[("completed", None)] == 10, timeout=20)
+    assert during <= 10 + 6  # the first submits, then a few probes
+    assert all(task_row(conn, i)["submitted_at"] is not None for i in ids)
+
+
 def test_resumed_tasks_are_spread_out_not_sent_in_one_instant(conn, database_url,
                                                               remote) -> None:
     remote.default = Reply(503)

@@ -5,7 +5,7 @@
 --   Retry-After pause, the rate limit (requests per second, as send slots 1/rate
 --   apart) and counters (failures, throttled requests). A host has a row once it has failed or
 --   been given a limit; a host without one restricts nothing.
--- - task_schedule.host: each task's poll host (taskman_private.host_key(poll_url)),
+-- - task_schedule.host: the host of each task's next request (submit or poll URL),
 --   kept by triggers, so a host's waiting tasks are found without reading tasks.
 -- - taskman.admit_tasks: after each claim, in the claim's transaction, one call for
 --   the batch: the tasks their hosts do not let go now come back, and are back in the
@@ -74,17 +74,27 @@ alter table taskman_private.hosts enable row level security;
 revoke all on taskman_private.hosts from public, anon, authenticated;
 grant select, insert, update, delete on taskman_private.hosts to service_role;
 
--- host: the task's poll host; host_slot_at: its send slot under the host's rate
+-- host: the host of the task's next request (its submit URL until the submit
+-- worked, then its poll URL); host_slot_at: its send slot under the host's rate
 -- limit, while it waits for it.
 alter table taskman_private.task_schedule add column host text,
   add column host_slot_at timestamptz;
 
-update taskman_private.task_schedule s
-set host = taskman_private.host_key(t.poll_url)
-from taskman.tasks t
-where t.task_id = s.task_id and t.poll_url is not null;
+create function taskman_private.request_host(t taskman.tasks)
+returns text
+language sql immutable
+set search_path = ''
+as $$
+  select taskman_private.host_key(case when t.submit_url is not null and t.submitted_at is null
+                                       then t.submit_url else t.poll_url end)
+$$;
 
--- A host's live tasks (those with something to poll).
+update taskman_private.task_schedule s
+set host = taskman_private.request_host(t)
+from taskman.tasks t
+where t.task_id = s.task_id and (t.poll_url is not null or t.submit_url is not null);
+
+-- A host's live tasks (those with something to poll or submit).
 create index task_schedule_host_idx on taskman_private.task_schedule (host)
   where next_poll_at is not null;
 
@@ -95,7 +105,7 @@ set search_path = ''
 as $$
 begin
   if new.host is null then
-    select taskman_private.host_key(t.poll_url) into new.host
+    select taskman_private.request_host(t) into new.host
     from taskman.tasks t where t.task_id = new.task_id;
   end if;
   return new;
@@ -105,22 +115,25 @@ $$;
 create trigger task_schedule_set_host before insert on taskman_private.task_schedule
   for each row execute function taskman_private.task_schedule_set_host();
 
-create function taskman_private.tasks_poll_url_changed()
+create function taskman_private.tasks_request_url_changed()
 returns trigger
 language plpgsql security definer
 set search_path = ''
 as $$
 begin
   update taskman_private.task_schedule s
-  set host = taskman_private.host_key(new.poll_url)
-  where s.task_id = new.task_id;
+  set host = taskman_private.request_host(new)
+  where s.task_id = new.task_id
+    and s.host is distinct from taskman_private.request_host(new);
   return null;
 end
 $$;
 
-create trigger tasks_poll_url_changed after update of poll_url on taskman.tasks
-  for each row when (old.poll_url is distinct from new.poll_url)
-  execute function taskman_private.tasks_poll_url_changed();
+create trigger tasks_request_url_changed after update of poll_url, submit_url, submitted_at
+  on taskman.tasks
+  for each row when ((old.poll_url, old.submit_url, old.submitted_at)
+                     is distinct from (new.poll_url, new.submit_url, new.submitted_at))
+  execute function taskman_private.tasks_request_url_changed();
 
 -- The wait before probe number `probes` + 1: base * 2^probes, at most max_seconds,
 -- then 50-100% of that (jitter, so workers and hosts do not probe in step).
@@ -696,7 +709,8 @@ end
 $$;
 
 revoke all on function taskman_private.host_key(text),
-  taskman_private.task_schedule_set_host(), taskman_private.tasks_poll_url_changed(),
+  taskman_private.task_schedule_set_host(), taskman_private.tasks_request_url_changed(),
+  taskman_private.request_host(taskman.tasks),
   taskman_private.host_cooldown(integer, double precision, double precision),
   taskman_private.check_host_timing(double precision, double precision, double precision),
   taskman_private.move_host_tasks(text[], timestamptz, boolean, double precision, timestamptz),

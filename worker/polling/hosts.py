@@ -3,8 +3,8 @@ each batch of outcomes (circuit breaker, Retry-After pauses, rate limits).
 
 The state lives in ``taskman_private.hosts``; each call here is one statement for a
 whole batch, made in the transaction of the claim or of the record it goes with.
-Polls use it today; a submit path gates its requests the same way (``hold`` with the
-submit URL's host, ``report`` with its outcomes).
+Polls and submits both go through it: a claimed task's request is to its submit URL
+until the submit worked, then to its poll URL.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ class HostGate:
 
     async def admit_tasks(self, conn: psycopg.AsyncConnection[Any],
                           claimed: Sequence[ClaimedTask]) -> list[ClaimedTask]:
-        """The claimed tasks to poll now (each to its ``poll_url``'s host); the others
+        """The claimed tasks to send now (each to its submit or poll URL's host); the others
         went back to the schedule for when their hosts have room. The first call applies
         TASKMAN_HOST_RATE_LIMITS."""
         await self._apply_limits(conn)
         if not claimed:
             return []
-        held = await self.hold(conn, [(str(t.task_id), host_key(t.poll_url)) for t in claimed])
+        held = await self.hold(conn, [(str(t.task_id), host_key(t.request_url))
+                                      for t in claimed])
         return [t for t in claimed if str(t.task_id) not in held]
 
     async def hold(self, conn: psycopg.AsyncConnection[Any],

@@ -381,7 +381,7 @@ class Worker:
             self._polling -= 1
             self._slot_freed.set()
         if outcome is not None:
-            outcome["host"] = host_key(task.poll_url)
+            outcome["host"] = host_key(task.request_url)
             self.metrics.count_poll(outcome)
             self._outcomes.append(outcome)
             self._outcome_added.set()

@@ -109,7 +109,10 @@ class Submitter:
                              "latency_ms": (time.perf_counter() - started) * 1000}
         if backoff.is_transient_status(status):
             wait = backoff.parse_retry_after(answer_headers.get("retry-after"), _now())
-            return seen | self._retry(task, "http_status", f"HTTP {status}", wait=wait)
+            retry = self._retry(task, "http_status", f"HTTP {status}", wait=wait)
+            if status == 429 and wait is not None:
+                retry["retry_after_seconds"] = wait  # pauses the host, not only the task
+            return seen | retry
         if not (200 <= status < 300 or status == 303):
             message = f"The remote refused the request that starts the job (HTTP {status})."
             return seen | _failed("submit_failed", "http_status", message, f"HTTP {status}")
