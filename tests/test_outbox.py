@@ -368,12 +368,40 @@ def test_concurrent_dispatchers_deliver_each_callback_once(conn, database_url, h
 
 
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
-def test_only_the_service_may_claim_or_record_deliveries(api, role) -> None:
+def test_only_the_service_may_claim_record_or_give_back_deliveries(api, role) -> None:
     sub = USER_A if role == "authenticated" else None
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         api.rpc(role, "claim_outbox", sub=sub, worker_id="intruder")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         api.rpc(role, "record_outbox_results", sub=sub, results=Jsonb([]))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        api.rpc(role, "release_outbox", sub=sub, worker_id="intruder")
+
+
+def test_giving_back_releases_only_the_workers_own_unrecorded_claims(conn) -> None:
+    tasks = [create_task(conn, poll_url=None, callback_url=f"https://hooks.example/{i}")
+             for i in range(3)]
+    for task in tasks:
+        end_task(conn, task["task_id"], "completed")
+    mine = conn.execute("select outbox_id from taskman.claim_outbox('me', 2, 600)").fetchall()
+    [theirs] = conn.execute("select outbox_id from taskman.claim_outbox('them', 5, 600)")
+    conn.execute("select taskman.record_outbox_results(%s)", (Jsonb([
+        {"outbox_id": mine[0]["outbox_id"], "worker_id": "me", "outcome": "delivered"}]),))
+
+    assert conn.execute("select taskman.release_outbox('me', 'callback') as n"
+                        ).fetchone()["n"] == 1
+    rows = {r["outbox_id"]: r for r in conn.execute(
+        "select outbox_id, lease_owner, attempts, delivered_at is not null as delivered,"
+        " next_attempt_at <= now() as due from taskman_private.outbox")}
+    assert rows[mine[1]["outbox_id"]] == {**rows[mine[1]["outbox_id"]], "lease_owner": None,
+                                          "attempts": 0, "due": True}
+    assert rows[mine[0]["outbox_id"]]["delivered"]
+    assert rows[theirs["outbox_id"]]["lease_owner"] == "them"
+    assert not rows[theirs["outbox_id"]]["due"]
+    for bad in ("select taskman.release_outbox('')",
+                "select taskman.release_outbox('me', 'email')"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(bad)
 
 
 @pytest.mark.parametrize("poison", ["[" * 5000 + "]" * 5000,  # deeper than Python reads

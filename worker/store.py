@@ -306,3 +306,12 @@ async def record_outbox_results(
             "results": db.json_arg(list(results)), "max_attempts": max_attempts,
             "base_delay_seconds": base_delay_seconds, "max_delay_seconds": max_delay_seconds})
         return await cur.fetchall()
+
+
+async def release_outbox(conn: psycopg.AsyncConnection[Any], worker_id: str, *,
+                         channel: str | None = None) -> int:
+    """Give back the notifications (of ``channel`` only, if given) that ``worker_id``
+    claimed and did not record: due at once, their delivery ids unchanged. Returns how
+    many."""
+    return int(await _ascalar(conn, "release_outbox",
+                              {"worker_id": worker_id, "only_channel": channel}))

@@ -288,7 +288,8 @@ class CallbackStream:
 
     async def run(self, context: ServiceContext) -> None:
         """Deliver until ``context.stopping``; then let the callbacks in flight finish
-        within ``TASKMAN_SHUTDOWN_GRACE`` and record them."""
+        within ``TASKMAN_SHUTDOWN_GRACE``, record them, and give back the rest (sends cut
+        off, rows still waiting for their host), which other workers then deliver at once."""
         recorder = asyncio.create_task(self._record_loop(context), name="record_callbacks")
         try:
             await self._claim_loop(context)
@@ -296,11 +297,12 @@ class CallbackStream:
                 _, unfinished = await asyncio.wait(
                     set(self._deliveries), timeout=self._settings.shutdown_grace_seconds)
                 for delivery in unfinished:
-                    delivery.cancel()  # unrecorded: sent again when its lease ends
+                    delivery.cancel()  # unrecorded: given back below
                 await asyncio.gather(*unfinished, return_exceptions=True)
             self._draining = True
             self._result_added.set()
             await recorder
+            await self._release(context)
         finally:
             recorder.cancel()
             for delivery in self._deliveries:
@@ -367,18 +369,7 @@ class CallbackStream:
         delivery: Delivery | None = None
         try:
             async with host.limit:
-                # A row that waited for its host past its lease may already be someone
-                # else's: leave it to them.
-                if time.monotonic() >= lease_ends:
-                    log.warning("callback %s waited for its host past its lease; not sent",
-                                row.outbox_id, extra={"task_id": str(row.task_id)})
-                elif row.payload is None:
-                    delivery = Delivery("failed", reason="unreadable_payload", error=row.problem)
-                else:
-                    try:
-                        delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
-                    except Exception as exc:  # one row's surprise must not stop the others
-                        delivery = _unexpected("callback", [row], exc)
+                delivery = await self._attempt(context, row, lease_ends)
         finally:
             host.held -= 1
             self._room.held -= 1
@@ -389,6 +380,23 @@ class CallbackStream:
         if delivery is not None:
             self._results.append(_result(self.worker_id, row, delivery))
             self._result_added.set()
+
+    async def _attempt(self, context: ServiceContext, row: OutboxRow,
+                       lease_ends: float) -> Delivery | None:
+        """Send `row` now that its host has room; None leaves it unrecorded: once stopping
+        (it is given back at the end), or past its lease (it may be someone else's now)."""
+        if context.stopping.is_set():
+            return None
+        if time.monotonic() >= lease_ends:
+            log.warning("callback %s waited for its host past its lease; not sent",
+                        row.outbox_id, extra={"task_id": str(row.task_id)})
+            return None
+        if row.payload is None:
+            return Delivery("failed", reason="unreadable_payload", error=row.problem)
+        try:
+            return await self._callbacks.deliver(row.outbox_id, row.payload)
+        except Exception as exc:  # one row's surprise must not stop the others
+            return _unexpected("callback", [row], exc)
 
     # Recording ------------------------------------------------------------------------
 
@@ -433,7 +441,22 @@ class CallbackStream:
                 return
 
 
+    async def _release(self, context: ServiceContext) -> None:
+        """Give back the callbacks claimed and not recorded (at shutdown, once recorded)."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_DB_SECONDS), context.connection() as conn:
+                released = await store.release_outbox(conn, self.worker_id, channel="callback")
+        except (*_DB_ERRORS, psycopg.Error, TimeoutError) as exc:
+            log.error("could not give back unsent callbacks (%r); they are sent again when "
+                      "their leases end", exc)
+            return
+        if released:
+            log.info("gave back %d unsent callbacks", released, extra={"released": released})
+
+
 _DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
+# At shutdown, how long giving back unsent callbacks may take.
+SHUTDOWN_DB_SECONDS = 5.0
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
