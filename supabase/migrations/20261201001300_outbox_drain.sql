@@ -1,4 +1,5 @@
--- Leases given back at shutdown, and progress reported by callbacks in the change feed.
+-- Leases given back at shutdown, progress reported by callbacks in the change feed,
+-- and cheaper records of delivery attempts.
 --
 -- - release_outbox: a worker stopping gracefully gives back the notifications it
 --   claimed and did not record (sends cut off by the shutdown grace, rows still
@@ -11,6 +12,8 @@
 --   `news: progress` and the progress, as record_poll_results marks a poll's: the
 --   edge's /events, reading task_events when it cannot LISTEN, then carries it as
 --   NOTIFY does.
+-- - record_outbox_results: the same results, checks and events, with less work a row
+--   (see below).
 
 create function taskman.release_outbox(worker_id text, only_channel text default null)
 returns integer
@@ -141,5 +144,104 @@ begin
 
   return case when by_service then taskman.task_json(t)
               else jsonb_build_object('task_id', t.task_id, 'status', t.status) end;
+end
+$$;
+
+-- record_outbox_results, cheaper for a burst's batches (same arguments, checks and
+-- outcomes): the lease is checked where the row is written (a row changed meanwhile,
+-- say claimed again by another worker, is re-read there and skipped), instead of by
+-- locking every row first; and each event takes what it says from the written row,
+-- instead of joining two CTEs, which the planner did in a nested loop (a 500-row batch
+-- compared 250,000 pairs).
+create or replace function taskman.record_outbox_results(
+  results jsonb,
+  max_attempts integer default 12,
+  base_delay_seconds double precision default 5,
+  max_delay_seconds double precision default 3600
+)
+returns table (outbox_id bigint, outcome text)
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+begin
+  if jsonb_typeof(results) is distinct from 'array' then
+    perform taskman_private.reject('results', 'must be a JSON array of delivery results');
+  end if;
+  if exists (select 1 from jsonb_to_recordset(results) as r(outbox_id bigint, worker_id text, outcome text)
+             where r.outbox_id is null or r.worker_id is null
+                or r.outcome is null or r.outcome not in ('delivered', 'failed', 'given_up')) then
+    perform taskman_private.reject('results',
+      'each result needs outbox_id, worker_id and outcome (delivered, failed or given_up)');
+  end if;
+  if max_attempts is null or max_attempts not between 1 and 1000 then
+    perform taskman_private.reject('max_attempts', 'must be between 1 and 1000');
+  end if;
+  if base_delay_seconds is null or max_delay_seconds is null
+     or base_delay_seconds <= 0 or max_delay_seconds < base_delay_seconds then
+    perform taskman_private.reject('base_delay_seconds',
+      'must be positive and at most max_delay_seconds');
+  end if;
+
+  return query
+  with attempt as (
+    select r.outbox_id, r.worker_id, r.outcome, left(r.reason, 100) as reason, r.http_status,
+           r.latency_ms, greatest(r.retry_after_seconds, 0) as retry_after_seconds, r.digest_size,
+           left(r.error, 4000) as error
+    from jsonb_to_recordset(results) as r(
+      outbox_id bigint, worker_id text, outcome text, reason text, http_status integer,
+      latency_ms double precision, retry_after_seconds double precision, digest_size integer,
+      error text)
+  ),
+  decided as (
+    -- Only the lease holder writes its rows' attempts, so these counts are current.
+    select a.*, o.attempts + 1 as attempt,
+           case
+             when a.outcome = 'delivered' then 'delivered'
+             when a.outcome = 'given_up' or o.attempts + 1 >= record_outbox_results.max_attempts
+               then 'given_up'
+             else 'failed'
+           end as final
+    from attempt a
+    join taskman_private.outbox o on o.outbox_id = a.outbox_id
+    where o.lease_owner = a.worker_id and o.delivered_at is null and o.given_up_at is null
+  ),
+  written as (
+    update taskman_private.outbox o
+    set attempts = d.attempt,
+        lease_owner = null,
+        delivered_at = case when d.final = 'delivered' then now() end,
+        given_up_at = case when d.final = 'given_up' then now() end,
+        last_error = case when d.final = 'delivered' then null else coalesce(d.error, d.reason) end,
+        next_attempt_at = case when d.final <> 'failed' then o.next_attempt_at else
+          now() + make_interval(secs => greatest(
+            coalesce(d.retry_after_seconds, 0),
+            least(record_outbox_results.max_delay_seconds,
+                  record_outbox_results.base_delay_seconds * power(2, least(d.attempt - 1, 40)))
+              * (0.5 + random() / 2))) end
+    from decided d
+    -- The lease again, as of the row's latest version if it changed since the snapshot.
+    where o.outbox_id = d.outbox_id
+      and o.lease_owner = d.worker_id and o.delivered_at is null and o.given_up_at is null
+    returning o.outbox_id, o.task_id, o.channel, o.attempts, o.next_attempt_at, d.final,
+              d.reason, d.http_status, d.latency_ms, d.digest_size
+  ),
+  events as (
+    insert into taskman.task_events (task_id, user_id, event_type, detail)
+    select w.task_id, t.user_id,
+           case
+             when w.final = 'failed' then 'notification_failed'
+             when w.final = 'given_up' then 'notification_given_up'
+             when w.channel = 'slack' then 'alert_sent'
+             else 'notification_delivered'
+           end,
+           jsonb_strip_nulls(jsonb_build_object(
+             'channel', w.channel, 'attempt', w.attempts, 'reason', w.reason,
+             'http_status', w.http_status, 'latency_ms', round(w.latency_ms::numeric, 1),
+             'digest_size', w.digest_size,
+             'next_attempt_at', case when w.final = 'failed' then w.next_attempt_at end))
+    from written w
+    join taskman.tasks t on t.task_id = w.task_id
+  )
+  select w.outbox_id, w.final from written w;
 end
 $$;

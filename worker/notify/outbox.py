@@ -247,13 +247,15 @@ class CallbackStream:
     """Delivers completion callbacks as they are enqueued, for one worker (a worker
     ``Service``). Safe to run in any number of workers at once.
 
-    It holds at most ``TASKMAN_CONCURRENCY`` callbacks its hosts would let go now, and
-    sends at most ``TASKMAN_PER_HOST_CONCURRENCY`` at once to one host (the URL's
-    authority). A host with that many rows held is skipped by the next claims, so a slow
-    receiver keeps a few rows waiting, not the whole worker. Rows are claimed in due
-    order, each task's in order; each row goes out as soon as its host has room, and
-    its outcome joins the next ``record_outbox_results`` batch. At least once: a row
-    whose lease ran out while it waited is left to whoever claims it next.
+    It sends at most ``TASKMAN_CONCURRENCY`` callbacks at once, and at most
+    ``TASKMAN_PER_HOST_CONCURRENCY`` to one host (the URL's authority). Beside those in
+    flight it holds up to one claim's worth ready, so that sending does not wait for a
+    claim's round trip. A host holding twice its limit (as many in flight, as many ready)
+    is skipped by the next claims, so a slow receiver keeps a few rows waiting, not the
+    whole worker. Rows are claimed in due order, each task's in order; each row goes out
+    as soon as its host and the worker have room, and its outcome joins the next
+    ``record_outbox_results`` batch. At least once: a row whose lease ran out while it
+    waited is left to whoever claims it next.
     """
 
     name = "deliver_callbacks"
@@ -267,12 +269,18 @@ class CallbackStream:
         self._callbacks = CallbackSender(http, secret)
         self._capacity = settings.concurrency
         self._per_host = settings.per_host_concurrency
+        self._sending = asyncio.Semaphore(self._capacity)
+        # Rows held ready beyond those in flight: one claim's worth.
+        self._ahead = min(settings.outbox_batch_size, self._capacity)
         # Claim again once this much room is free (or when nothing is held), so that a
         # busy stream claims in batches rather than a row at a time.
-        self._refill = max(1, min(settings.outbox_batch_size, self._capacity) // 4)
-        # A row may wait for its host behind one claim's worth of rows, sent
-        # per_host at a time, each taking up to the timeout; one round more for margin.
-        waves = math.ceil(min(settings.outbox_batch_size, self._capacity) / self._per_host) + 1
+        self._refill = max(1, self._ahead // 4)
+        # A host is skipped by claims once it holds this many rows.
+        self._host_full = 2 * self._per_host
+        # A row may wait for its host behind one claim's worth of rows and a full host's,
+        # sent per_host at a time, each taking up to the timeout; then for the worker's
+        # room, behind at most the rows held ready; one round more for margin.
+        waves = math.ceil((self._ahead + self._host_full) / self._per_host) + 2
         self._lease_seconds = min(
             MAX_LEASE_SECONDS,
             max(settings.lease_seconds, math.ceil(settings.callback_timeout_seconds * waves)),
@@ -312,8 +320,8 @@ class CallbackStream:
 
     def _free(self) -> int:
         """Rows the stream may claim now."""
-        sendable = sum(min(h.held, self._per_host) for h in self._room.hosts.values())
-        return min(self._capacity - sendable, 4 * self._capacity - self._room.held)
+        sendable = sum(min(h.held, self._host_full) for h in self._room.hosts.values())
+        return min(self._capacity + self._ahead - sendable, 4 * self._capacity - self._room.held)
 
     async def _claim_loop(self, context: ServiceContext) -> None:
         failures = 0
@@ -342,7 +350,7 @@ class CallbackStream:
                 await _wait(context.wake, idle)
 
     async def _claim(self, context: ServiceContext, wanted: int) -> int:
-        busy = [key for key, host in self._room.hosts.items() if host.held >= self._per_host]
+        busy = [key for key, host in self._room.hosts.items() if host.held >= self._host_full]
         lease_ends = time.monotonic() + self._lease_seconds  # no later than the database's
         async with context.connection() as conn:
             rows = await store.claim_outbox(conn, self.worker_id, wanted, self._lease_seconds,
@@ -368,7 +376,7 @@ class CallbackStream:
                        lease_ends: float) -> None:
         delivery: Delivery | None = None
         try:
-            async with host.limit:
+            async with host.limit, self._sending:
                 delivery = await self._attempt(context, row, lease_ends)
         finally:
             host.held -= 1
