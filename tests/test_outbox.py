@@ -404,6 +404,42 @@ def test_giving_back_releases_only_the_workers_own_unrecorded_claims(conn) -> No
             conn.execute(bad)
 
 
+def test_an_outcome_whose_lease_moved_on_while_it_was_written_is_ignored(
+        conn, database_url) -> None:
+    task = create_task(conn, poll_url=None, callback_url="https://hooks.example/late")
+    end_task(conn, task["task_id"], "completed")
+    [row] = conn.execute("select outbox_id from taskman.claim_outbox('slow', 1, 600)")
+    outcome = Jsonb([{"outbox_id": row["outbox_id"], "worker_id": "slow",
+                      "outcome": "delivered"}])
+    with psycopg.connect(database_url, autocommit=True) as other, \
+            psycopg.connect(database_url, autocommit=True) as late:
+        other.execute("begin")  # the lease ran out and another worker claims the row ...
+        other.execute("update taskman_private.outbox set lease_owner = 'fast'"
+                      " where outbox_id = %s", (row["outbox_id"],))
+        late.execute("set statement_timeout = '10s'")
+        recording = late.cursor()
+        done = asyncio.run(_record_while(recording, outcome, other))
+
+    assert done == []  # ... while the first worker's outcome waits for the row: ignored
+    state = conn.execute("select lease_owner, attempts, delivered_at from taskman_private.outbox"
+                         " where outbox_id = %s", (row["outbox_id"],)).fetchone()
+    assert state == {"lease_owner": "fast", "attempts": 0, "delivered_at": None}
+    assert delivery_events(conn, task["task_id"]) == []
+
+
+async def _record_while(cursor: psycopg.Cursor, outcome: Jsonb,
+                        holder: psycopg.Connection) -> list[Any]:
+    """Record `outcome` in a thread while `holder`'s open transaction holds the row; commit
+    it once the record waits for the lock."""
+    recorded = asyncio.create_task(asyncio.to_thread(
+        lambda: cursor.execute("select outcome from taskman.record_outbox_results(%s)",
+                               (outcome,)).fetchall()))
+    await asyncio.sleep(0.5)
+    assert not recorded.done()  # it waits for the row
+    holder.execute("commit")
+    return await recorded
+
+
 @pytest.mark.parametrize("poison", ["[" * 5000 + "]" * 5000,  # deeper than Python reads
                                     "1" + "0" * 5000])  # more digits than Python's int allows
 def test_a_result_python_cannot_read_fails_alone_then_is_given_up(conn, database_url, hook,
