@@ -186,10 +186,10 @@ def test_sigterm_mid_send_gives_unsent_callbacks_to_another_worker_at_once(
     """Sends cut off by the shutdown grace, and rows still waiting for their host, go out
     from another worker moments later, not when their lease (3 minutes here) ends; sends
     that finish within the grace are recorded and not sent again."""
-    env = {**WORKER_ENV, "TASKMAN_SHUTDOWN_GRACE": "8", "TASKMAN_CALLBACK_TIMEOUT": "30",
+    env = {**WORKER_ENV, "TASKMAN_SHUTDOWN_GRACE": "10", "TASKMAN_CALLBACK_TIMEOUT": "30",
            "TASKMAN_PER_HOST_CONCURRENCY": "4"}
     with remote_api(Reply(200, json={"ok": True}, delay=30)) as slow, \
-            remote_api(Reply(200, json={"ok": True}, delay=5)) as quick:
+            remote_api(Reply(200, json={"ok": True}, delay=8)) as quick:
         first = start_worker_process(database_url, "--log-format", "json", **env)
         workers.append(first)
         wait_until(lambda: listening(conn) == 1)
@@ -204,7 +204,7 @@ def test_sigterm_mid_send_gives_unsent_callbacks_to_another_worker_at_once(
 
         first.send_signal(signal.SIGTERM)
         slow.default = Reply(200, json={"ok": True})  # the host recovers: sent again, it answers
-        assert first.wait(timeout=20) == 0
+        assert first.wait(timeout=25) == 0
         stopped = time.monotonic()
         hits = wait_until(lambda: len(slow.hits()) == 10 and slow.hits(), timeout=30)
         wait_until(lambda: undelivered(conn) == 0)
