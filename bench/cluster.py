@@ -48,4 +48,6 @@ def fill_tasks(url: str, *, terminal: int = 0, due: int = 0, future: int = 0) ->
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(q["triggers_off"])
         conn.execute(q["fill_tasks"], {"terminal": terminal, "due": due, "future": future})
+        conn.execute(q["fill_schedule"])
         conn.execute(q["analyze_tasks"])
+        conn.execute(q["analyze_schedule"])

@@ -44,6 +44,15 @@ cross join lateral (
               else 'pending' end as status
 ) as s
 
+-- name: fill_schedule
+-- The worker's side of the loaded tasks, as the insert trigger would make it.
+insert into taskman_private.task_schedule (task_id, next_poll_at)
+select t.task_id, t.next_poll_at from taskman.tasks t
+where not exists (select 1 from taskman_private.task_schedule s where s.task_id = t.task_id)
+
+-- name: analyze_schedule
+vacuum analyze taskman_private.task_schedule
+
 -- name: first_poll_recorded_ms
 -- From a task's creation to its first poll being recorded, in milliseconds.
 select percentile_cont(array[0.5, 0.99]) within group (

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 
-def taskman(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
+def taskman(database_url: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url, **settings}
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -43,6 +43,10 @@ def test_create_status_list_cancel_retry_round_trip(database_url) -> None:
     (["create", "--config", "{not json"], "--config must be JSON"),
     (["create", "--header", "no-colon"], "header must look like"),
     (["create", "--timeout-minutes", "-5"], "timeout_minutes"),
+    (["create", "--callback-url", "http://localhost:5678/webhook-waiting/1"],
+     "callback_url: localhost resolves to a non-public address"),
+    (["create", "--poll-url", "http://10.0.0.1/jobs/1"], "add 10.0.0.1 (or 10.0.0.1:80) to "
+     "TASKMAN_ALLOWED_HOSTS"),
     (["status", "not-a-task-id"], "is not a task id"),
     (["list", "--status", "sleeping"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
@@ -53,6 +57,17 @@ def test_bad_usage_exits_2_with_a_message_and_changes_nothing(database_url, conn
     assert result.returncode == 2
     assert message in result.stderr
     assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 0
+
+
+def test_create_applies_the_network_policy_of_its_settings(database_url) -> None:
+    url = "http://localhost:5678/webhook-waiting/1"
+    refused = taskman(database_url, "create", "--callback-url", url,
+                      TASKMAN_ALLOWED_HOSTS="127.0.0.1")
+    assert refused.returncode == 2 and "callback_url" in refused.stderr
+    allowed = taskman(database_url, "create", "--callback-url", url, "--json",
+                      TASKMAN_ALLOWED_HOSTS="127.0.0.1,localhost:5678")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["callback_url"] == url
 
 
 def test_unknown_task_and_refused_transition_exit_1(database_url) -> None:

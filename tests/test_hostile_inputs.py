@@ -17,12 +17,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 import pytest
@@ -88,11 +89,13 @@ def receiver() -> Iterator[RemoteAPI]:
 class WorkerUnderAttack:
     """The ``taskman worker`` process and what was measured of it."""
 
-    def __init__(self, db: str) -> None:
+    def __init__(self, db: str, log: IO[bytes]) -> None:
         env = {**os.environ, **TEST_ENV, **WORKER_ENV, "DATABASE_URL": db}
+        # Its log goes to a file: under attack it writes more than a pipe holds, and a
+        # full pipe nobody reads would block the worker's logging, and so its shutdown.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker"], cwd=REPO, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.DEVNULL, stderr=log)
         self.baseline_mb: float | None = None
 
     def rss_mb(self) -> float:
@@ -106,18 +109,18 @@ class WorkerUnderAttack:
 
 @pytest.fixture(scope="module")
 def worker(db: str, sql: psycopg.Connection, healthy: HostileRemote) -> Iterator[WorkerUnderAttack]:
-    under_attack = WorkerUnderAttack(db)
-    try:
-        # Warm up (imports, pools, first polls), then take the memory baseline.
-        ids = [create(sql, healthy.url("/done")) for _ in range(20)]
-        wait_until(lambda: all(status(sql, t) == "completed" for t in ids), timeout=30)
-        under_attack.baseline_mb = under_attack.rss_mb()
-        yield under_attack
-    finally:
-        if under_attack.alive():
-            under_attack.process.kill()
-        under_attack.process.wait()
-        under_attack.process.stderr.close()
+    with tempfile.TemporaryFile() as log:
+        under_attack = WorkerUnderAttack(db, log)
+        try:
+            # Warm up (imports, pools, first polls), then take the memory baseline.
+            ids = [create(sql, healthy.url("/done")) for _ in range(20)]
+            wait_until(lambda: all(status(sql, t) == "completed" for t in ids), timeout=30)
+            under_attack.baseline_mb = under_attack.rss_mb()
+            yield under_attack
+        finally:
+            if under_attack.alive():
+                under_attack.process.kill()
+            under_attack.process.wait()
 
 
 def create(conn: psycopg.Connection, url: str, **args: Any) -> str:

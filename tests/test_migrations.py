@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import psycopg
 import pytest
 
+from tests.conftest import _with_database
 from worker.migrate import COMPAT_SQL, list_migrations, migrate
 
 
@@ -42,3 +46,39 @@ def test_a_failing_migration_leaves_nothing_half_applied(database_url: str, tmp_
     # Once fixed, the failed migration applies on the next run.
     (tmp_path / "20990101000100_bad.sql").write_text("create table public.half_done (id int);")
     assert [m.name for m in migrate(database_url, tmp_path)] == ["bad"]
+
+
+def test_the_submit_migration_upgrades_a_database_with_tasks_in_it(server_url: str,
+                                                                   tmp_path) -> None:
+    """Tasks made before submit, priority and heartbeats go on as before afterwards."""
+    name = f"taskman_upgrade_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"drop database if exists {name} with (force)")
+        admin.execute(f"create database {name}")
+    url = _with_database(server_url, name)
+    try:
+        for migration in list_migrations():
+            if migration.version < "20261201001100":
+                shutil.copy(migration.path, tmp_path)
+        migrate(url, tmp_path)
+        with psycopg.connect(url, autocommit=True) as conn:
+            polled = conn.execute(
+                "select taskman.create_task(poll_url => 'https://api.example.com/1',"
+                " poll_headers => '{\"X-Key\": \"old\"}') ->> 'task_id'").fetchone()[0]
+            waiting = conn.execute("select taskman.create_task(callback_url =>"
+                                   " 'https://hooks.example.com/1') ->> 'task_id'").fetchone()[0]
+        assert [m.version for m in migrate(url)][:1] == ["20261201001100"]  # then later ones
+        with psycopg.connect(url, autocommit=True) as conn:
+            rows = conn.execute("select task_id::text, priority, submit_url, submitted_at"
+                                " from taskman.tasks order by task_id").fetchall()
+            assert {r[0] for r in rows} == {polled, waiting}
+            assert all(r[1:] == (0, None, None) for r in rows)
+            claimed = conn.execute("select task_id::text, poll_headers, submit_url from"
+                                   " taskman.claim_due_tasks('w', 10, 60)").fetchall()
+            assert claimed == [(polled, {"X-Key": "old"}, None)]
+            new = conn.execute("select taskman.create_task(submit_url =>"
+                               " 'https://api.example.com/jobs', priority => 3)").fetchone()[0]
+            assert new["priority"] == 3 and new["submit_method"] == "POST"
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"drop database if exists {name} with (force)")

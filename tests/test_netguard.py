@@ -153,6 +153,27 @@ def test_allowed_hosts_match_ignoring_case(server: LocalServer) -> None:
     assert get(server.url("/ok", host="localhost"), policy).status_code == 200
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_an_allowed_host_with_a_port_is_reachable_on_that_port_only(
+    server: LocalServer, host: str
+) -> None:
+    """Through the real connector: the resolver (names) and the URL check (IP literals)
+    both see the port being connected to."""
+    allowed = NetworkPolicy(allowed_hosts=frozenset({f"{host}:{server.port}"}))
+    assert get(server.url("/ok", host=host), allowed).status_code == 200
+    other_port = NetworkPolicy(allowed_hosts=frozenset({f"{host}:{server.port + 1}"}))
+    seen = len(server.paths)
+    with pytest.raises(BlockedURL, match="non-public address"):
+        get(server.url("/ok", host=host), other_port)
+    assert len(server.paths) == seen
+
+
+def test_a_wildcard_never_covers_the_bare_name(server: LocalServer) -> None:
+    with pytest.raises(BlockedURL, match="localhost resolves to a non-public address"):
+        get(server.url("/ok", host="localhost"), NetworkPolicy(allowed_hosts=frozenset(
+            {"*.localhost"})))
+
+
 def test_host_with_any_private_address_is_refused_and_users_read_no_address() -> None:
     resolver = ScriptedResolver(["93.184.215.14", "10.1.2.3"])
     with pytest.raises(BlockedURL, match=r"mixed\.example resolves to a non-public address;") \

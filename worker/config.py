@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.remote.allowed_hosts import parse_allowed_hosts
+
 
 class Settings(BaseSettings):
     """Everything Taskman reads from its environment.
@@ -98,6 +100,24 @@ class Settings(BaseSettings):
     # are deleted this many days after the task ended; 0 keeps everything.
     retention_days: float = Field(default=30, ge=0, le=36_500, alias="TASKMAN_RETENTION_DAYS")
 
+    # Where the edge is reached from outside: {callback_url} in a submit request is
+    # <public_url>/callbacks/<task_id>?token=<the task's callback token>.
+    public_url: str | None = Field(default=None, alias="TASKMAN_PUBLIC_URL")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        """An http(s) URL, without a trailing slash; empty is unset."""
+        if not value or not value.strip():
+            return None
+        url = value.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be the edge's http(s) URL, like https://taskman.example.com")
+        if parts.query or parts.fragment:
+            raise ValueError("must be a URL without a query or fragment")
+        return url
+
     @field_validator("supabase_url")
     @classmethod
     def _project_url(cls, value: str | None) -> str | None:
@@ -120,6 +140,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_entries(cls, value: frozenset[str]) -> frozenset[str]:
+        """``host``, ``host:port`` or ``*.suffix`` entries (worker.remote.allowed_hosts)."""
+        return parse_allowed_hosts(value)
 
     # The worker (taskman worker): retry timing and shutdown.
     retry_base_seconds: float = Field(default=2.0, gt=0, le=3_600, alias="TASKMAN_RETRY_BASE")

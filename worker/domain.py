@@ -8,13 +8,15 @@ functions (supabase/migrations); docs/lifecycle.md maps which step decides what.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypedDict, get_args
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
 Status = Literal["pending", "in_progress", "completed", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -24,7 +26,8 @@ TERMINAL_STATUSES: frozenset[Status] = frozenset({"completed", "failed", "cancel
 ReportedStatus = Literal["in_progress", "completed", "failed", "cancelled"]
 
 # Why a task failed (tasks.error_code).
-ErrorCode = Literal["timeout", "max_attempts", "remote_failed", "invalid_response", "poll_error"]
+ErrorCode = Literal["timeout", "max_attempts", "remote_failed", "invalid_response", "poll_error",
+                    "submit_failed", "heartbeat_timeout"]
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
 
 JsonObject = dict[str, JsonValue]
@@ -34,6 +37,14 @@ def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     return value
+
+
+def _iso_datetime(value: Any) -> Any:
+    """Only ISO 8601 text (or a datetime): pydantic would also take a number as Unix time."""
+    if isinstance(value, datetime) or (isinstance(value, str) and len(value) >= 16
+                                       and value[4:5] == "-" and value[10:11] in "Tt "):
+        return value
+    raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z")
 
 
 # Strings PostgreSQL can store: no NUL characters, bounded lengths.
@@ -48,6 +59,23 @@ IdempotencyKey = Annotated[str, Field(min_length=1, max_length=255), _Storable]
 ErrorMessage = Annotated[str, Field(max_length=2000), _Storable]
 ProgressMessage = Annotated[str, Field(max_length=1000), _Storable]
 Token = Annotated[str, Field(max_length=200), _Storable]
+
+_DECIMAL_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _integer_text(value: Any) -> Any:
+    """``"5"`` as 5: n8n's "Using Fields Below" sends every field as text. Anything else
+    is left to strict validation, so ``"five"`` or ``"5.5"`` still fails naming the field."""
+    if isinstance(value, str) and _DECIMAL_INTEGER.fullmatch(value.strip()):
+        return int(value)
+    return value
+
+
+# An integer, given as a JSON number or as the text of a whole decimal number.
+Integer = Annotated[int, BeforeValidator(_integer_text)]
+
+
+StartAt = Annotated[datetime, Field(strict=False), BeforeValidator(_iso_datetime)]
 
 
 class TaskCreate(BaseModel):
@@ -66,12 +94,29 @@ class TaskCreate(BaseModel):
     )
     poll_body: JsonValue = None
     poll_config: JsonObject | None = Field(None, description="Response profile overrides.")
-    poll_interval_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
-    max_attempts: Annotated[int, Field(ge=1, le=1_000)] | None = None
-    timeout_minutes: Annotated[int, Field(ge=1, le=525_600)] | None = None
+    poll_interval_seconds: Annotated[Integer, Field(ge=1, le=86_400)] | None = None
+    max_attempts: Annotated[Integer, Field(ge=1, le=1_000)] | None = None
+    timeout_minutes: Annotated[Integer, Field(ge=1, le=525_600)] | None = None
     callback_url: Url | None = Field(None, description="POSTed the task when it ends.")
     idempotency_key: IdempotencyKey | None = None
     metadata: JsonObject | None = None
+    submit_url: Url | None = Field(
+        None, description="Taskman starts the job: sent once, with Idempotency-Key: <task_id>; "
+        "the answer's handle becomes poll_url.")
+    submit_method: Method | None = Field(None, description="POST (default), PUT, PATCH or GET.")
+    submit_headers: dict[HeaderName, HeaderValue] | None = Field(
+        None, description="Headers sent with the submit; write-only, never returned. "
+        "May use {task_id} and {callback_url}.")
+    submit_body: JsonValue = Field(
+        None, description="JSON sent with the submit; may use {task_id} and {callback_url}.")
+    callback_headers: dict[HeaderName, HeaderValue] | None = Field(
+        None, description="Extra headers sent with the completion callback; write-only.")
+    start_at: StartAt | None = Field(
+        None, description="The first submit or poll waits for this time.")
+    priority: Annotated[int, Field(ge=-100, le=100)] | None = Field(
+        None, description="-100..100, default 0: among due tasks, higher goes first.")
+    heartbeat_seconds: Annotated[int, Field(ge=1, le=604_800)] | None = Field(
+        None, description="A started task silent this long fails with heartbeat_timeout.")
 
 
 class TaskReport(BaseModel):
@@ -82,7 +127,7 @@ class TaskReport(BaseModel):
     status: ReportedStatus | None = None
     result: JsonValue = None
     error_message: ErrorMessage | None = None
-    progress: Annotated[int, Field(ge=0, le=100)] | None = None
+    progress: Annotated[Integer, Field(ge=0, le=100)] | None = None
     progress_message: ProgressMessage | None = None
 
 
@@ -95,7 +140,7 @@ class ClaimedTask:
     """
 
     task_id: UUID
-    poll_url: str
+    poll_url: str | None  # None while the task is still to be submitted
     poll_method: str
     poll_headers: dict[str, str]
     poll_body: str | None
@@ -103,6 +148,18 @@ class ClaimedTask:
     attempt_count: int
     error_count: int
     poll_interval_seconds: int
+    # Set while the task is still to be submitted (never after a recorded success);
+    # callback_token only when the submit uses {callback_url}.
+    submit_url: str | None = None
+    submit_method: str | None = None
+    submit_headers: dict[str, str] | None = None
+    submit_body: str | None = None
+    callback_token: str | None = None
+
+    @property
+    def request_url(self) -> str:
+        """The URL this claim requests: the submit URL, else the status URL."""
+        return self.submit_url or self.poll_url or ""
 
 
 class PollOutcome(TypedDict, total=False):
@@ -114,10 +171,12 @@ class PollOutcome(TypedDict, total=False):
     task_id: str  # with worker_id: the claim being answered (ignored if the lease moved on)
     worker_id: str
     ok: bool  # True: the poll worked (resets error_count); False: a transient failure
-    status: Literal["in_progress", "completed", "failed"] | None  # None: no change
+    # None: no change; cancelled goes to record_remote_cancellations, the rest to
+    # record_poll_results.
+    status: Literal["in_progress", "completed", "failed", "cancelled"] | None
     # With status failed: remote_failed, poll_error or invalid_response; with ok False:
     # invalid_response when the answer was unreadable.
-    error_code: Literal["remote_failed", "poll_error", "invalid_response"]
+    error_code: Literal["remote_failed", "poll_error", "invalid_response", "submit_failed"]
     delay_seconds: float  # when to poll next if the task goes on
     reason: str  # a short code for the task's events (timeout, http_status, ...)
     result: Any
@@ -128,6 +187,9 @@ class PollOutcome(TypedDict, total=False):
     latency_ms: float
     raw_response: str  # service-only, like raw_error
     raw_error: str | None
+    submitted: bool  # True: the outcome of a submit, not a poll
+    poll_url: str  # a submit's job handle (the status URL to poll)
+    external_id: str  # a submit's job id, when the profile reads one
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,11 @@ select taskman.create_task(
   poll_interval_seconds => %(poll_interval_seconds)s::integer,
   max_attempts => %(max_attempts)s::integer, timeout_minutes => %(timeout_minutes)s::integer,
   callback_url => %(callback_url)s::text, idempotency_key => %(idempotency_key)s::text,
-  metadata => %(metadata)s::jsonb) as task
+  metadata => %(metadata)s::jsonb, submit_url => %(submit_url)s::text,
+  submit_method => %(submit_method)s::text, submit_headers => %(submit_headers)s::jsonb,
+  submit_body => %(submit_body)s::jsonb, callback_headers => %(callback_headers)s::jsonb,
+  start_at => %(start_at)s::timestamptz, priority => %(priority)s::integer,
+  heartbeat_seconds => %(heartbeat_seconds)s::integer) as task
 
 -- name: get_task
 select taskman.task_json(t) as task
@@ -158,10 +162,13 @@ order by e.event_id
 -- name: claim_outbox
 -- Payloads come as JSON text and are parsed row by row: one that Python cannot
 -- read (nested thousands deep, say) fails alone instead of the whole claim.
-select outbox_id, task_id, channel, payload::text as payload, attempts
+-- A callback comes with its task's callback_headers (service-only), one join.
+select c.outbox_id, c.task_id, c.channel, c.payload::text as payload, c.attempts,
+       case when c.channel = 'callback' then p.callback_headers end as headers
 from taskman.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
                          %(lease_seconds)s::integer, %(only_channel)s::text,
-                         %(skip_hosts)s::text[])
+                         %(skip_hosts)s::text[]) c
+left join taskman_private.task_private p on p.task_id = c.task_id
 
 -- name: record_outbox_results
 select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
@@ -175,15 +182,20 @@ select taskman.release_outbox(%(worker_id)s::text, %(only_channel)s::text) as re
 -- The polling service (worker.polling): claim, record, sweep, release, and when to wake.
 
 -- name: claim_due_tasks
--- poll_body and profile come as JSON text: the body is sent as is, and the
--- profile text keys the worker's cache of compiled profiles.
+-- poll_body, submit_body and profile come as JSON text: bodies are sent as is, and
+-- the profile text keys the worker's cache of compiled profiles.
 select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_body,
-       profile::text as profile, attempt_count, error_count, poll_interval_seconds
+       profile::text as profile, attempt_count, error_count, poll_interval_seconds,
+       submit_url, submit_method, submit_headers, submit_body::text as submit_body,
+       callback_token
 from taskman.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
                             %(lease_seconds)s::integer)
 
 -- name: record_poll_results
 select count(*) as recorded from taskman.record_poll_results(%(results)s::jsonb)
+
+-- name: record_remote_cancellations
+select taskman.record_remote_cancellations(%(results)s::jsonb) as cancelled
 
 -- name: expire_overdue_tasks
 select taskman.expire_overdue_tasks() as expired
@@ -192,12 +204,27 @@ select taskman.expire_overdue_tasks() as expired
 select taskman.release_tasks(%(worker_id)s::text) as released
 
 -- name: seconds_until_due
--- min() over task_schedule_due_idx (same predicate): one index probe however many tasks
--- wait. Leased tasks count too, at their lease expiry: a crashed worker's tasks
--- wake a worker when they fall due again.
-select extract(epoch from min(s.next_poll_at) - now())::float8 as seconds
-from taskman_private.task_schedule s
-where s.next_poll_at is not null
+-- The earliest next_poll_at over task_schedule_priority_due_idx: one probe a priority
+-- level in use (each level found with one probe too), however many tasks wait. Leased
+-- tasks count too, at their lease expiry: a crashed worker's tasks wake a worker when
+-- they fall due again.
+with recursive levels as (
+  (select s.priority from taskman_private.task_schedule s
+   where s.next_poll_at is not null order by s.priority desc limit 1)
+  union all
+  select (select s.priority from taskman_private.task_schedule s
+          where s.next_poll_at is not null and s.priority < l.priority
+          order by s.priority desc limit 1)
+  from levels l where l.priority is not null
+)
+select extract(epoch from min(d.next_poll_at) - now())::float8 as seconds
+from levels l
+cross join lateral (
+  select s.next_poll_at from taskman_private.task_schedule s
+  where s.priority = l.priority and s.next_poll_at is not null
+  order by s.next_poll_at limit 1
+) d
+where l.priority is not null
 
 
 -- name: live_demo_tasks

@@ -19,7 +19,8 @@ from worker import db
 from worker.domain import ClaimedTask, JsonObject, TaskCreate, TaskReport
 
 Row = dict[str, Any]
-_JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata")
+_JSON_ARGUMENTS = ("poll_headers", "poll_body", "poll_config", "metadata", "submit_headers",
+                   "submit_body", "callback_headers")
 
 
 def _q(name: str) -> str:
@@ -256,6 +257,13 @@ async def record_poll_results(conn: psycopg.AsyncConnection[Any], outcomes_json:
     one by one so that one that cannot be written out fails alone); returns how many
     were recorded."""
     return int(await _ascalar(conn, "record_poll_results", {"results": outcomes_json}))
+
+
+async def record_remote_cancellations(conn: psycopg.AsyncConnection[Any],
+                                      outcomes_json: str) -> int:
+    """End as cancelled the tasks of a JSON array of ``cancelled`` poll outcomes; returns
+    how many were (an outcome whose lease moved on is ignored)."""
+    return int(await _ascalar(conn, "record_remote_cancellations", {"results": outcomes_json}))
 
 
 async def expire_overdue_tasks(conn: psycopg.AsyncConnection[Any]) -> int:

@@ -53,8 +53,7 @@ $$;
 revoke all on function taskman.release_outbox(text, text) from public, anon, authenticated;
 grant execute on function taskman.release_outbox(text, text) to service_role;
 
--- As in 20261201000200_security_fixes.sql (moved here by 20261201000400), but for the
--- event's marker.
+-- As in 20261201001100_submit_heartbeat_priority.sql, but for the event's marker.
 create or replace function taskman_private.update_task(
   task_id uuid,
   status text default null,
@@ -104,6 +103,10 @@ begin
     end if;
     return case when by_service then taskman.task_json(t)
                 else jsonb_build_object('task_id', t.task_id, 'status', t.status) end;
+  end if;
+
+  if t.heartbeat_seconds is not null then
+    update taskman_private.task_schedule s set alive_at = now() where s.task_id = t.task_id;
   end if;
 
   if (coalesce(update_task.status, t.status), coalesce(update_task.result, t.result),

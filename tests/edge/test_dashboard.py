@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 from playwright import sync_api as playwright_api
 from playwright.sync_api import expect
 
 from tests.edge.conftest import API_KEY, Edge
+from worker.config import Settings
+from worker.notify import OutboxDispatcher
+from worker.notify.completion_callbacks import callback_client
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # A developer without Chromium is told so; CI, which installs it, never skips.
@@ -155,3 +161,41 @@ def test_a_rejected_key_returns_to_sign_in(browser, edge) -> None:
     page.locator("#login:not(.hidden)").wait_for()
     assert "not accepted" in page.inner_text("#login-error")
     context.close()
+
+
+def test_a_callback_refused_by_the_network_policy_shows_on_the_task(page, service, db) -> None:
+    # Made directly in the database (no edge check), as a plain insert through PostgREST is.
+    task_id = db.execute("select taskman.create_task(callback_url => 'http://10.255.0.1/hook')"
+                         " ->> 'task_id' as id").fetchone()["id"]
+    service.patch(f"/tasks/{task_id}", json={"status": "completed"})
+
+    async def deliver_once() -> None:  # one round of the worker's outbox, default policy
+        settings = Settings(_env_file=None)
+        async with (await psycopg.AsyncConnection.connect(db.info.dsn, autocommit=True) as conn,
+                    callback_client(settings) as http):
+            await OutboxDispatcher(settings, "dashboard-test", http).run_once(conn, "callback")
+
+    with ThreadPoolExecutor(1) as pool:  # Playwright holds this thread's event loop
+        pool.submit(asyncio.run, deliver_once()).result(30)
+    page.fill("#f-id", task_id)
+    _row(page, task_id).click()
+    refusal = page.locator('#fields [data-field="callback"]')
+    expect(refusal).to_contain_text("Refused by the network policy")
+    expect(refusal).to_contain_text("blocked_by_network_policy")
+    assert page.console_errors == []
+
+
+def test_the_task_page_shows_submit_state_and_priority(page, service, db) -> None:
+    task = _create(service, submit_url="https://api.example.com/jobs", priority=5,
+                   heartbeat_seconds=60)
+    _row(page, task["task_id"]).click()
+    expect(page.locator("#submit-state")).to_contain_text("POST https://api.example.com/jobs")
+    expect(page.locator("#submit-state")).to_contain_text("not sent yet")
+    assert "Priority\n5" in page.inner_text("#fields").replace("\t", "\n")
+    assert "every 60s" in page.inner_text("#fields")
+    # As the worker records an accepted submit.
+    db.execute("update taskman.tasks set submitted_at = now(), status = 'in_progress',"
+               " poll_url = 'https://api.example.com/jobs/9' where task_id = %s",
+               (task["task_id"],))
+    _row(page, task["task_id"]).click()
+    expect(page.locator("#submit-state")).to_contain_text("polling https://api.example.com/jobs/9")

@@ -105,6 +105,7 @@ def _with_database(handler: Callable[[str, argparse.Namespace], int]) -> Callabl
     """Adapt a task command to the CLI: resolve the database, print refusals."""
 
     def run(settings: Settings, args: argparse.Namespace) -> int:
+        args.settings = settings  # for commands that apply settings (create: the network policy)
         try:
             return handler(database_url(settings), args)
         except CommandError as exc:

@@ -20,6 +20,8 @@ import psycopg
 
 from worker import db, store
 from worker.domain import STATUSES, TERMINAL_STATUSES, TaskCreate
+from worker.remote.netguard import NetworkPolicy
+from worker.remote.url_policy import RefusedURL, check_task_urls, task_urls
 
 EXIT_USAGE = 2
 EXIT_REFUSED = 1
@@ -40,7 +42,7 @@ def open_database(conninfo: str) -> Iterator[psycopg.Connection[Any]]:
         with db.connect(conninfo, autocommit=True) as conn:
             yield conn
     except psycopg.Error as exc:
-        if exc.sqlstate in ("22023", "22P02", "22003", "23514"):
+        if exc.sqlstate in ("22023", "22P02", "22003", "23514", "22007", "22008"):
             raise CommandError(exc.diag.message_primary or str(exc), EXIT_USAGE) from None
         if exc.sqlstate in ("PT404", "PT409", "PT403", "23505"):
             raise CommandError(exc.diag.message_primary or str(exc), EXIT_REFUSED) from None
@@ -113,8 +115,16 @@ def cmd_create(conninfo: str, args: argparse.Namespace) -> int:
         poll_body=args.body, poll_config=args.config, poll_interval_seconds=args.interval,
         max_attempts=args.max_attempts, timeout_minutes=args.timeout_minutes,
         callback_url=args.callback_url, idempotency_key=args.idempotency_key,
-        metadata=args.metadata,
+        metadata=args.metadata, submit_url=args.submit_url, submit_method=args.submit_method,
+        submit_headers=dict(args.submit_header) or None, submit_body=args.submit_body,
+        callback_headers=dict(args.callback_header) or None, start_at=args.start_at,
+        priority=args.priority, heartbeat_seconds=args.heartbeat_seconds,
     )
+    # The policy of this environment's settings: what the worker will apply.
+    try:
+        check_task_urls(task_urls(fields), NetworkPolicy.from_settings(args.settings))
+    except RefusedURL as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     with open_database(conninfo) as conn:
         task = store.create_task(conn, fields)
     _show_task(task, args.json)
@@ -201,6 +211,20 @@ def add_task_commands(
     create.add_argument("--timeout-minutes", type=int, help="deadline in minutes (120)")
     create.add_argument("--callback-url", help="notified when the task ends")
     create.add_argument("--idempotency-key")
+    create.add_argument("--submit-url", help="Taskman starts the job: sent once, with "
+                        "Idempotency-Key: <task_id>; its answer gives the status URL")
+    create.add_argument("--submit-method", help="submit method (POST)")
+    create.add_argument("--submit-header", action="append", type=_header, default=[],
+                        metavar="'NAME: VALUE'", help="submit header (repeatable; kept secret)")
+    create.add_argument("--submit-body", type=_json_arg("--submit-body"),
+                        help="submit body (JSON; {task_id} and {callback_url} are filled in)")
+    create.add_argument("--callback-header", action="append", type=_header, default=[],
+                        metavar="'NAME: VALUE'",
+                        help="header sent with the completion callback (repeatable; kept secret)")
+    create.add_argument("--start-at", help="first submit or poll at this time (ISO 8601)")
+    create.add_argument("--priority", type=int, help="-100..100 (0): higher goes first")
+    create.add_argument("--heartbeat-seconds", type=int,
+                        help="fail a started task silent this long (heartbeat_timeout)")
     create.set_defaults(run=wrap(cmd_create))
 
     status = commands.add_parser("status", help="show a task")

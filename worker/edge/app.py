@@ -20,6 +20,7 @@ from worker.edge.auth import Authenticator
 from worker.edge.errors import error_body, install_error_handlers
 from worker.edge.metrics import EdgeMetrics, MetricsMiddleware
 from worker.edge.sse import TaskEventHub
+from worker.remote.netguard import NetworkPolicy
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,15 @@ def create_app(
         jwks_max_age=settings.jwks_max_age_seconds,
     )
     app.state.metrics = EdgeMetrics(pool)
+    # New tasks' URLs are checked against the policy the worker applies (same settings).
+    app.state.network_policy = NetworkPolicy.from_settings(settings)
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
     app.state.metrics_token = token.encode() if token else None
     install_error_handlers(app)
     app.include_router(routes.router, tags=["tasks"])
     app.include_router(routes.seed_router)
+    # The seed's n8n workflows called these under /webhook/: the same routes answer there.
+    app.include_router(routes.seed_router, prefix="/webhook", include_in_schema=False)
     app.include_router(routes.public_router, tags=["public"])
     app.include_router(dashboard.router)
     # The last added is the outermost: metrics see every answer, 413s included.

@@ -3,8 +3,9 @@
 The request models shared with the CLI (``TaskCreate``, ``TaskReport``) live in
 worker.domain; they check shapes and bounds early so that no input reaches the driver
 in a form it cannot send, while the database remains the authority on every rule and
-answers with errors that name the field. They are strict: ``"60"`` is not a number, so
-what the OpenAPI schema says is exactly what is accepted.
+answers with errors that name the field. They are strict, with one exception: integer
+fields also take the text of a whole number (``"60"``), which n8n's "Using Fields Below"
+sends for every field; ``"sixty"`` or ``"60.5"`` is still refused, naming the field.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ class Task(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    submit_url: str | None = None
+    submit_method: str | None = None
+    submit_body: JsonValue = None
+    submitted_at: datetime | None = Field(
+        None, description="When the submit was answered with success (never submitted again).")
+    start_at: datetime | None = None
+    priority: int = 0
+    heartbeat_seconds: int | None = None
 
 
 class CreatedTask(Task):

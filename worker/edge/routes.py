@@ -44,6 +44,7 @@ from worker.edge.models import (
     TaskUpdate,
 )
 from worker.edge.sse import StreamLimitReached, Subscription, TaskEventHub, event_stream
+from worker.remote.url_policy import RefusedURL, check_task_urls, task_urls
 
 T = TypeVar("T")
 
@@ -83,6 +84,10 @@ def _call(request: Request, principal: Principal, call: Callable[..., T], *args:
 
 
 def _create(request: Request, principal: Principal, body: TaskCreate, response: Response) -> Any:
+    try:
+        check_task_urls(task_urls(body), request.app.state.network_policy)
+    except RefusedURL as exc:
+        raise ApiError(422, "invalid_argument", str(exc), exc.field) from None
     task = _call(request, principal, store.create_task, body)
     response.status_code = 200 if task.get("idempotent_replay") else 201
     return task

@@ -19,7 +19,9 @@ import aiohttp
 
 from worker.config import Settings
 from worker.notify.delivery import Delivery
+from worker.notify.refusals import RefusedCallbacks
 from worker.remote.backoff import parse_retry_after
+from worker.remote.headers import headers_problem
 from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 
 SIGNATURE_HEADER = "X-Taskman-Signature"
@@ -97,15 +99,22 @@ class CallbackSender:
 
     Build it with ``callback_client`` (worker.remote.netguard's guarded_session) so
     callback URLs, which users choose, obey the same network policy as polls. Redirects
-    are not followed. Without a secret, callbacks go out unsigned.
+    are not followed. Without a secret, callbacks go out unsigned. Refusals by the
+    network policy are reported to `refusals` (a log line and a counter).
     """
 
-    def __init__(self, http: aiohttp.ClientSession, secret: str | None) -> None:
+    def __init__(self, http: aiohttp.ClientSession, secret: str | None,
+                 refusals: RefusedCallbacks | None = None) -> None:
         self._http = http
         self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256) if secret else None
+        self._refusals = refusals or RefusedCallbacks()
 
-    async def deliver(self, outbox_id: int, payload: Mapping[str, Any]) -> Delivery:
-        """POST ``payload`` to its ``callback_url``: any 2xx answer is a delivery."""
+    async def deliver(self, outbox_id: int, payload: Mapping[str, Any],
+                      extra_headers: Mapping[str, str] | None = None) -> Delivery:
+        """POST ``payload`` to its ``callback_url``: any 2xx answer is a delivery.
+
+        ``extra_headers`` (the task's callback_headers) go out too; Taskman's own
+        headers cannot be overridden by them."""
         url = payload.get("callback_url")
         if not url:
             return Delivery("given_up", reason="no_callback_url")
@@ -124,6 +133,14 @@ class CallbackSender:
         }
         if self._keyed is not None:
             headers[SIGNATURE_HEADER] = _signed(self._keyed, timestamp, body)
+        if extra_headers:
+            if problem := headers_problem(extra_headers, "callback"):
+                return Delivery("given_up", reason="invalid_headers",
+                                error=f"callback_headers cannot be sent: {problem}"[:500])
+            ours = {name.lower() for name in headers} | {SIGNATURE_HEADER.lower()}
+            headers = {**{k: v for k, v in extra_headers.items()
+                          if k.lower() not in ours and not k.lower().startswith("x-taskman-")},
+                       **headers}
         started = time.perf_counter()
         try:
             async with self._http.post(url, data=body, headers=headers,
@@ -132,6 +149,7 @@ class CallbackSender:
                 excerpt = b"" if 200 <= status < 300 else await _first_bytes(response)
                 retry_after = response.headers.get("retry-after")
         except BlockedURL as exc:
+            self._refusals.report(payload, exc)
             return Delivery("given_up", reason="blocked_by_network_policy", error=exc.detail)
         except (InvalidHostName, aiohttp.InvalidURL, ValueError) as exc:
             return Delivery("given_up", reason="invalid_url",

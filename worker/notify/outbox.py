@@ -44,6 +44,7 @@ from worker.config import Settings
 from worker.domain import ServiceContext
 from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
+from worker.notify.refusals import RefusedCallbacks
 from worker.notify.slack import SlackAlerter, alert_text
 from worker.remote import backoff
 
@@ -81,16 +82,18 @@ class OutboxRow:
     payload: dict[str, Any] | None
     attempts: int
     problem: str | None = None
+    headers: dict[str, str] | None = None  # a callback's callback_headers (service-only)
 
     @classmethod
     def claimed(cls, outbox_id: int, task_id: UUID, channel: str, payload: str,
-                attempts: int) -> OutboxRow:
+                attempts: int, headers: dict[str, str] | None = None) -> OutboxRow:
         """A row as ``outbox_claim`` returns it, its payload (JSON text) parsed here."""
         try:
-            return cls(outbox_id, task_id, channel, json.loads(payload), attempts)
+            return cls(outbox_id, task_id, channel, json.loads(payload), attempts,
+                       headers=headers)
         except (ValueError, RecursionError) as exc:
             problem = f"the task's JSON could not be read: {type(exc).__name__}: {exc}"
-            return cls(outbox_id, task_id, channel, None, attempts, problem[:500])
+            return cls(outbox_id, task_id, channel, None, attempts, problem[:500], headers)
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,13 @@ class OutboxDispatcher:
     Delivery is at least once: receivers can deduplicate on ``X-Taskman-Delivery``.
     """
 
-    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession,
+                 refusals: RefusedCallbacks | None = None) -> None:
         self.worker_id = worker_id
         self._settings = settings
         self._slack = SlackAlerter.from_settings(settings)
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-        self._callbacks = CallbackSender(http, secret)
+        self._callbacks = CallbackSender(http, secret, refusals)
         self._limit = asyncio.Semaphore(settings.concurrency)
         # The lease must outlast a round: the batch's callbacks go out in waves of
         # `concurrency`, each wave taking up to the timeout; one wave more for margin.
@@ -185,7 +189,8 @@ class OutboxDispatcher:
         assert row.payload is not None  # run_once records unreadable rows apart
         async with self._limit:
             try:
-                delivery = await self._callbacks.deliver(row.outbox_id, row.payload)
+                delivery = await self._callbacks.deliver(row.outbox_id, row.payload,
+                                                        row.headers)
             except Exception as exc:  # one row's surprise must not sink the batch's records
                 delivery = _unexpected("callback", [row], exc)
         return [self._result(row, delivery)]
@@ -271,11 +276,12 @@ class CallbackStream:
     channel = OUTBOX_CHANNEL
     pool_connections = 2  # one claiming, one recording
 
-    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession,
+                 refusals: RefusedCallbacks | None = None) -> None:
         self.worker_id = worker_id
         self._settings = settings
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-        self._callbacks = CallbackSender(http, secret)
+        self._callbacks = CallbackSender(http, secret, refusals)
         self._capacity = settings.concurrency
         self._per_host = settings.per_host_concurrency
         # Rows held ready beyond those in flight: one claim's worth.
@@ -440,7 +446,7 @@ class CallbackStream:
         if row.payload is None:
             return Delivery("failed", reason="unreadable_payload", error=row.problem)
         try:
-            return await self._callbacks.deliver(row.outbox_id, row.payload)
+            return await self._callbacks.deliver(row.outbox_id, row.payload, row.headers)
         except Exception as exc:  # one row's surprise must not stop the others
             return _unexpected("callback", [row], exc)
 

@@ -43,6 +43,7 @@ from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome, ServiceContext
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.poller import Poller, make_session
+from worker.polling.submitter import Submitter
 from worker.remote import backoff
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Worker:
         self._pool: AsyncConnectionPool
         self._http: aiohttp.ClientSession
         self._poller: Poller
+        self._submitter: Submitter
         self._hosts = _HostLimits(settings.per_host_concurrency)
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
         self._polling = 0  # polls not yet finished (slots in use)
@@ -168,6 +170,7 @@ class Worker:
         )
         self._http = make_session(self.settings)
         self._poller = Poller(self._http, self.settings, self.worker_id)
+        self._submitter = Submitter(self._http, self.settings, self.worker_id)
         await self._pool.open(wait=False)
         background = [asyncio.create_task(self._claim_loop(), name="claim")]
         if self.connections.listen_conninfo is not None:
@@ -357,11 +360,13 @@ class Worker:
     async def _poll(self, task: ClaimedTask, lease_ends: float) -> None:
         outcome = None
         try:
-            async with self._hosts.limit(urlsplit(task.poll_url).netloc):
+            async with self._hosts.limit(urlsplit(task.request_url).netloc):
                 # A task that waited for its host past its lease may already be someone
                 # else's: leave it to them.
                 if time.monotonic() < lease_ends:
-                    outcome = await self._poller.poll(task)  # never raises
+                    # Neither raises. A task still to be submitted is submitted instead.
+                    outcome = await (self._submitter.submit(task) if task.submit_url
+                                     else self._poller.poll(task))
                 else:
                     log.warning("task %s waited for its host past its lease; not polled",
                                 task.task_id, extra={"task_id": str(task.task_id)})
@@ -451,9 +456,13 @@ class Worker:
 
     async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
-        results = "[" + ",".join(self._serialized(outcome) for outcome in batch) + "]"
+        polled = [self._serialized(o) for o in batch if o.get("status") != "cancelled"]
+        cancelled = [self._serialized(o) for o in batch if o.get("status") == "cancelled"]
         async with self._pool.connection() as conn:
-            await store.record_poll_results(conn, results)
+            if polled:
+                await store.record_poll_results(conn, "[" + ",".join(polled) + "]")
+            if cancelled:  # rare: a second statement only for batches that have one
+                await store.record_remote_cancellations(conn, "[" + ",".join(cancelled) + "]")
         self.metrics.record_latency.observe(time.perf_counter() - started)
 
     def _serialized(self, outcome: PollOutcome) -> str:

@@ -1,4 +1,5 @@
-"""Prometheus instruments of the worker: polls by outcome, poll, claim and record latency.
+"""Prometheus instruments of the worker: polls by outcome, poll, claim and record latency,
+refused callbacks.
 
 Each worker has its own registry, so several workers in one process (tests, ``taskman
 dev``) do not clash; whoever serves ``/metrics`` collects it beside its own. Task counts
@@ -11,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from worker.notify.refusals import refusal_counter
 
 # Polls against remote APIs: milliseconds to the poll timeout.
 _POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -25,8 +28,8 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.polls = Counter(
             "taskman_worker_polls",
-            "Polls made, by outcome: completed, running, pending, retry (transient failure), "
-            "or the error_code of a final failure.",
+            "Polls made, by outcome: completed, cancelled, running, pending, retry (transient "
+            "failure), or the error_code of a final failure.",
             ["outcome"],
             registry=self.registry,
         )
@@ -42,6 +45,7 @@ class WorkerMetrics:
             buckets=_DB_BUCKETS,
             registry=self.registry,
         )
+        self.callbacks_refused = refusal_counter(self.registry)
         self.record_latency = Histogram(
             "taskman_worker_record_duration_seconds",
             "Time of one record_poll_results round trip (one batch of outcomes).",
@@ -64,4 +68,5 @@ def poll_outcome_label(outcome: Mapping[str, Any]) -> str:
         return str(outcome["error_code"])
     if not outcome["ok"]:
         return "retry"
-    return {"completed": "completed", "in_progress": "running"}.get(status or "", "pending")
+    labels = {"completed": "completed", "cancelled": "cancelled", "in_progress": "running"}
+    return labels.get(status or "", "pending")

@@ -60,7 +60,7 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
     headers (often an API key) when a redirect leaves the origin. Per-host limits are the
     worker's (``per_host_concurrency``), not the connector's. Needs a running event loop.
     """
-    policy = NetworkPolicy(settings.allow_private_networks, settings.allowed_hosts)
+    policy = NetworkPolicy.from_settings(settings)
     seconds = settings.poll_timeout_seconds
     return guarded_session(
         policy,
@@ -133,12 +133,14 @@ class Poller:
             raw = str(exc) or "no answer within the poll timeout"
             return self._retry(task, "timeout", f"{type(exc).__name__}: {raw}")
         except (aiohttp.ClientError, OSError) as exc:
-            return self._retry(task, "connection_error", _network_error(exc))
+            return self._retry(task, "connection_error", network_error(exc))
         latency: PollOutcome = {"latency_ms": (time.perf_counter() - started) * 1000}
         return latency | self._interpret(task, profile, answer)
 
     async def _fetch(self, task: ClaimedTask) -> Answer:
         """Send the task's request and follow redirects, reading at most max_response_bytes."""
+        if task.poll_url is None:
+            raise RequestNotSendable("the task has no status URL")
         method, url = task.poll_method, _url(task.poll_url)
         headers, body = task.poll_headers, task.poll_body
         if headers and (problem := headers_problem(headers)):
@@ -203,6 +205,9 @@ class Poller:
             # writes its neutral sentence, and the remote's own text stays raw_error.
             return {**seen, **progress, "ok": True, "status": "failed",
                     "error_code": "remote_failed", "raw_error": reading.error_detail}
+        if reading.state == "cancelled":
+            # Not a failure: no alert; the database writes the neutral message.
+            return {**seen, "ok": True, "status": "cancelled", "raw_error": reading.error_detail}
         # The remote's hint (Retry-After on a 202) may shorten the wait, down to the floor.
         wait = _retry_after(answer) if code == 202 else None
         if reading.state == "running":
@@ -276,7 +281,7 @@ _ERROR_NAMES: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
-def _network_error(exc: BaseException) -> str:
+def network_error(exc: BaseException) -> str:
     """`exc` for raw_error: a stable kind, then what went wrong."""
     name = next((n for kind, n in _ERROR_NAMES if isinstance(exc, kind)), type(exc).__name__)
     return f"{name}: {exc}"

@@ -10,6 +10,7 @@ from functools import partial
 from worker.config import Settings
 from worker.notify.completion_callbacks import callback_client
 from worker.notify.outbox import CallbackStream, OutboxDispatcher
+from worker.notify.refusals import RefusedCallbacks
 from worker.polling.loop import PeriodicJob, Worker, new_worker_id
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.retention import RETENTION_INTERVAL_SECONDS, Retention
@@ -23,14 +24,16 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
                      metrics: WorkerMetrics | None = None) -> None:
     """Poll tasks and deliver notifications until ``stop`` is set, then shut down gracefully."""
     worker_id = new_worker_id()
+    metrics = metrics or WorkerMetrics()
+    refusals = RefusedCallbacks(metrics.callbacks_refused)
     async with callback_client(settings) as http:
-        alerts = OutboxDispatcher(settings, worker_id, http)
+        alerts = OutboxDispatcher(settings, worker_id, http, refusals)
         jobs = [PeriodicJob("deliver_alerts", ALERT_WINDOW_SECONDS,
                             partial(alerts.run_once, channel="slack"))]
         retention = Retention(settings)
         if retention.enabled:
             jobs.append(PeriodicJob("retention", RETENTION_INTERVAL_SECONDS, retention.run_once))
-        services = [CallbackStream(settings, worker_id, http)]
+        services = [CallbackStream(settings, worker_id, http, refusals)]
         await Worker(settings, conninfo, jobs=jobs, services=services, worker_id=worker_id,
                      metrics=metrics).run(stop)
 

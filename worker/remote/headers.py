@@ -20,15 +20,16 @@ FRAMING_HEADERS = frozenset({"connection", "content-length", "keep-alive", "prox
                              "te", "trailer", "transfer-encoding", "upgrade"})
 
 
-def headers_problem(headers: Mapping[str, object]) -> str | None:
-    """Why `headers` cannot be sent as they are, naming the header; None if they can."""
+def headers_problem(headers: Mapping[str, object], kind: str = "poll") -> str | None:
+    """Why `headers` (a task's `kind` headers: poll, submit, callback) cannot be sent as
+    they are, naming the header; None if they can."""
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name):
-            return f"poll header name {name[:60]!r} is not a valid HTTP field name"
+            return f"{kind} header name {name[:60]!r} is not a valid HTTP field name"
         if name.lower() in FRAMING_HEADERS:
-            return f"poll header {name!r} is set by Taskman's HTTP client, not by a task"
+            return f"{kind} header {name!r} is set by Taskman's HTTP client, not by a task"
         if not isinstance(value, str) or not _VALUE.fullmatch(value):
-            return (f"poll header {name!r} has a value that is not valid in HTTP (visible "
+            return (f"{kind} header {name!r} has a value that is not valid in HTTP (visible "
                     "ASCII only, with spaces or tabs inside; no line breaks or control "
                     "characters)")
     return None

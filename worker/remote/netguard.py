@@ -21,15 +21,20 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import certifi
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
+
+from worker.remote.allowed_hosts import AllowedHost
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 _PRIVATE_HINT = (
     "private networks are not allowed "
@@ -43,12 +48,15 @@ class BlockedURL(Exception):
     ``str()`` is a neutral sentence safe to show to users; ``detail`` says more for the
     service's own records (``raw_error``), e.g. which address a name resolved to.
     Deliberately not an aiohttp.ClientError: a refusal is final, and must not be taken for
-    a network error worth retrying.
+    a network error worth retrying. ``reason`` is a short code: ``non_public_address``,
+    ``scheme``, ``credentials``, ``no_host`` or ``invalid_url``.
     """
 
-    def __init__(self, message: str, detail: str | None = None) -> None:
+    def __init__(self, message: str, detail: str | None = None, *,
+                 reason: str = "non_public_address") -> None:
         super().__init__(message)
         self.detail = detail or message
+        self.reason = reason
 
 
 class InvalidHostName(Exception):
@@ -58,21 +66,29 @@ class InvalidHostName(Exception):
 
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """Which hosts polls may reach.
+    """Which hosts polls and callbacks may reach.
 
-    `allowed_hosts` are host names or IP literals (IPv6 without brackets) reachable whatever
-    they resolve to; they match exactly, ignoring case.
+    `allowed_hosts` are ``TASKMAN_ALLOWED_HOSTS`` entries (see AllowedHost): hosts reachable
+    whatever they are or resolve to. An invalid entry raises ValueError naming it.
     """
 
     allow_private: bool = False
     allowed_hosts: frozenset[str] = frozenset()
+    entries: tuple[AllowedHost, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "allowed_hosts", frozenset(h.lower() for h in self.allowed_hosts))
+        entries = tuple(AllowedHost.parse(entry) for entry in sorted(self.allowed_hosts))
+        object.__setattr__(self, "entries", entries)
 
-    def exempts(self, host: str) -> bool:
-        """Whether `host` may be reached even if it is or resolves to a non-public address."""
-        return self.allow_private or host.lower().rstrip(".") in self.allowed_hosts
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NetworkPolicy:
+        """The policy of ``TASKMAN_ALLOW_PRIVATE_NETWORKS`` and ``TASKMAN_ALLOWED_HOSTS``."""
+        return cls(settings.allow_private_networks, settings.allowed_hosts)
+
+    def exempts(self, host: str, port: int | None = None) -> bool:
+        """Whether `host` (at `port`) may be reached even if it is or resolves to a
+        non-public address."""
+        return self.allow_private or any(e.matches(host, port) for e in self.entries)
 
 
 def is_blocked_address(ip: IPv4Address | IPv6Address) -> bool:
@@ -98,15 +114,17 @@ def check_url(url: str | URL, policy: NetworkPolicy) -> None:
         parsed = url if isinstance(url, URL) else URL(url)
         host = parsed.raw_host
     except (ValueError, TypeError) as exc:
-        raise BlockedURL(f"the URL is not valid: {exc}") from None
+        raise BlockedURL(f"the URL is not valid: {exc}", reason="invalid_url") from None
     if parsed.scheme not in ("http", "https"):
-        raise BlockedURL(f"only http and https URLs are allowed, not {parsed.scheme or 'none'!r}")
+        raise BlockedURL(f"only http and https URLs are allowed, not {parsed.scheme or 'none'!r}",
+                         reason="scheme")
     if not host:
-        raise BlockedURL("the URL has no host")
+        raise BlockedURL("the URL has no host", reason="no_host")
     if parsed.raw_user is not None or parsed.raw_password is not None:
-        raise BlockedURL("URLs with a user name or password are not allowed; use poll_headers")
+        raise BlockedURL("URLs with a user name or password are not allowed; use poll_headers",
+                         reason="credentials")
     ip = _ip_literal(host)
-    if ip is not None and is_blocked_address(ip) and not policy.exempts(host):
+    if ip is not None and is_blocked_address(ip) and not policy.exempts(host, parsed.port):
         raise BlockedURL(f"{parsed.host} is a non-public address; {_PRIVATE_HINT}")
 
 
@@ -130,7 +148,7 @@ class GuardedResolver(AbstractResolver):
             answers = await self._inner.resolve(host, port, family)
         except UnicodeError:  # the idna codec: empty label, label too long, ...
             raise InvalidHostName(f"the URL's host name {host[:100]!r} is not valid") from None
-        if not self.policy.exempts(host):
+        if not self.policy.exempts(host, port or None):
             for answer in answers:
                 ip = ipaddress.ip_address(answer["host"])
                 if is_blocked_address(ip):

@@ -16,7 +16,7 @@ from jmespath.parser import ParsedResult
 from worker.remote.evaluation import DEFAULT_BUDGET, BudgetedInterpreter, BudgetExceeded
 from worker.remote.expression_limits import static_problem
 
-PollState = Literal["pending", "running", "completed", "failed", "unreadable"]
+PollState = Literal["pending", "running", "completed", "failed", "cancelled", "unreadable"]
 
 MAX_PROGRESS_MESSAGE = 1000
 MAX_ERROR_DETAIL = 2000
@@ -54,6 +54,7 @@ class ResponseProfile:
     progress_path: ParsedResult | None
     progress_message_path: ParsedResult | None
     error_path: ParsedResult | None
+    cancelled_values: frozenset[str] = frozenset()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ResponseProfile:
@@ -74,6 +75,7 @@ class ResponseProfile:
             failed_values=_casefolded(d.get("failed_values")),
             running_values=_casefolded(d.get("running_values")),
             pending_values=_casefolded(d.get("pending_values")),
+            cancelled_values=_casefolded(d.get("cancelled_values")),
             **paths,
         )
 
@@ -84,6 +86,7 @@ class ResponseProfile:
         checks: tuple[tuple[PollState, frozenset[str]], ...] = (
             ("completed", self.completed_values),
             ("failed", self.failed_values),
+            ("cancelled", self.cancelled_values),
             ("running", self.running_values),
             ("pending", self.pending_values),
         )
