@@ -5,6 +5,7 @@ others, keeps each task's callbacks in order, and loses nothing when it is kille
 
 from __future__ import annotations
 
+import json
 import signal
 import statistics
 import time
@@ -178,3 +179,49 @@ def test_callbacks_of_a_killed_worker_are_sent_by_another_with_the_same_delivery
         by_task.setdefault(hit.json()["task_id"], set()).add(hit.headers["X-Taskman-Delivery"])
     assert set(by_task) == set(task_ids)  # nothing lost
     assert all(len(ids) == 1 for ids in by_task.values())  # resent with the same id
+
+
+def test_sigterm_mid_send_gives_unsent_callbacks_to_another_worker_at_once(
+        conn, database_url, workers) -> None:
+    """Sends cut off by the shutdown grace, and rows still waiting for their host, go out
+    from another worker moments later, not when their lease (3 minutes here) ends; sends
+    that finish within the grace are recorded and not sent again."""
+    env = {**WORKER_ENV, "TASKMAN_SHUTDOWN_GRACE": "10", "TASKMAN_CALLBACK_TIMEOUT": "30",
+           "TASKMAN_PER_HOST_CONCURRENCY": "4"}
+    with remote_api(Reply(200, json={"ok": True}, delay=30)) as slow, \
+            remote_api(Reply(200, json={"ok": True}, delay=8)) as quick:
+        first = start_worker_process(database_url, "--log-format", "json", **env)
+        workers.append(first)
+        wait_until(lambda: listening(conn) == 1)
+        cut_off = callback_tasks(conn, [slow.url(f"/slow/{i}") for i in range(6)])
+        finishing = callback_tasks(conn, [quick.url(f"/quick/{i}") for i in range(3)])
+        complete_all(conn, cut_off + finishing)
+        # Four slow sends in flight (the host's limit), two waiting; three quick ones.
+        wait_until(lambda: len(slow.hits()) == 4 and len(quick.hits()) == 3)
+        workers.append(start_worker_process(database_url, **env))
+        wait_until(lambda: listening(conn) == 2)
+        assert undelivered(conn) == 9  # the quick ones are still in flight too
+
+        first.send_signal(signal.SIGTERM)
+        slow.default = Reply(200, json={"ok": True})  # the host recovers: sent again, it answers
+        assert first.wait(timeout=25) == 0
+        stopped = time.monotonic()
+        hits = wait_until(lambda: len(slow.hits()) == 10 and slow.hits(), timeout=30)
+        wait_until(lambda: undelivered(conn) == 0)
+        quick_hits = quick.hits()
+
+    assert max(h.at for h in hits[4:]) - stopped < 5
+    ids: dict[str, set[str]] = {}
+    for hit in hits:
+        ids.setdefault(hit.json()["task_id"], set()).add(hit.headers["X-Taskman-Delivery"])
+    assert set(ids) == set(cut_off)  # nothing lost
+    assert all(len(delivery_ids) == 1 for delivery_ids in ids.values())  # the same id again
+    # Four cut off and sent again, two sent once; the quick ones once each.
+    assert sorted(Counter(h.json()["task_id"] for h in hits).values()) == [1, 1, 2, 2, 2, 2]
+    assert sorted(h.json()["task_id"] for h in quick_hits) == sorted(finishing)
+    for task_id in cut_off + finishing:
+        [event] = delivery_events(conn, task_id)
+        assert (event["event_type"], event["detail"]["attempt"]) == (
+            "notification_delivered", 1)  # giving back is not an attempt
+    logs = [json.loads(line) for line in first.stderr.read().splitlines()]
+    assert any("gave back 6 unsent callbacks" in entry["message"] for entry in logs)

@@ -122,7 +122,7 @@ def test_service_role_reads_private_task_data(api, world) -> None:
 
 
 WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_tasks",
-                    "release_tasks", "claim_outbox", "record_outbox_results",
+                    "release_tasks", "claim_outbox", "record_outbox_results", "release_outbox",
                     "prune_finished_tasks", "record_remote_cancellations", "admit_tasks",
                     "record_host_outcomes", "reset_host", "set_host_limits"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",

@@ -67,7 +67,7 @@ def test_the_submit_migration_upgrades_a_database_with_tasks_in_it(server_url: s
                 " poll_headers => '{\"X-Key\": \"old\"}') ->> 'task_id'").fetchone()[0]
             waiting = conn.execute("select taskman.create_task(callback_url =>"
                                    " 'https://hooks.example.com/1') ->> 'task_id'").fetchone()[0]
-        assert migrate(url)[0].version == "20261201001100"  # and whatever came after it
+        assert [m.version for m in migrate(url)][:1] == ["20261201001100"]  # then later ones
         with psycopg.connect(url, autocommit=True) as conn:
             rows = conn.execute("select task_id::text, priority, submit_url, submitted_at"
                                 " from taskman.tasks order by task_id").fetchall()

@@ -368,12 +368,76 @@ def test_concurrent_dispatchers_deliver_each_callback_once(conn, database_url, h
 
 
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
-def test_only_the_service_may_claim_or_record_deliveries(api, role) -> None:
+def test_only_the_service_may_claim_record_or_give_back_deliveries(api, role) -> None:
     sub = USER_A if role == "authenticated" else None
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         api.rpc(role, "claim_outbox", sub=sub, worker_id="intruder")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         api.rpc(role, "record_outbox_results", sub=sub, results=Jsonb([]))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        api.rpc(role, "release_outbox", sub=sub, worker_id="intruder")
+
+
+def test_giving_back_releases_only_the_workers_own_unrecorded_claims(conn) -> None:
+    tasks = [create_task(conn, poll_url=None, callback_url=f"https://hooks.example/{i}")
+             for i in range(3)]
+    for task in tasks:
+        end_task(conn, task["task_id"], "completed")
+    mine = conn.execute("select outbox_id from taskman.claim_outbox('me', 2, 600)").fetchall()
+    [theirs] = conn.execute("select outbox_id from taskman.claim_outbox('them', 5, 600)")
+    conn.execute("select taskman.record_outbox_results(%s)", (Jsonb([
+        {"outbox_id": mine[0]["outbox_id"], "worker_id": "me", "outcome": "delivered"}]),))
+
+    assert conn.execute("select taskman.release_outbox('me', 'callback') as n"
+                        ).fetchone()["n"] == 1
+    rows = {r["outbox_id"]: r for r in conn.execute(
+        "select outbox_id, lease_owner, attempts, delivered_at is not null as delivered,"
+        " next_attempt_at <= now() as due from taskman_private.outbox")}
+    assert rows[mine[1]["outbox_id"]] == {**rows[mine[1]["outbox_id"]], "lease_owner": None,
+                                          "attempts": 0, "due": True}
+    assert rows[mine[0]["outbox_id"]]["delivered"]
+    assert rows[theirs["outbox_id"]]["lease_owner"] == "them"
+    assert not rows[theirs["outbox_id"]]["due"]
+    for bad in ("select taskman.release_outbox('')",
+                "select taskman.release_outbox('me', 'email')"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(bad)
+
+
+def test_an_outcome_whose_lease_moved_on_while_it_was_written_is_ignored(
+        conn, database_url) -> None:
+    task = create_task(conn, poll_url=None, callback_url="https://hooks.example/late")
+    end_task(conn, task["task_id"], "completed")
+    [row] = conn.execute("select outbox_id from taskman.claim_outbox('slow', 1, 600)")
+    outcome = Jsonb([{"outbox_id": row["outbox_id"], "worker_id": "slow",
+                      "outcome": "delivered"}])
+    with psycopg.connect(database_url, autocommit=True) as other, \
+            psycopg.connect(database_url, autocommit=True) as late:
+        other.execute("begin")  # the lease ran out and another worker claims the row ...
+        other.execute("update taskman_private.outbox set lease_owner = 'fast'"
+                      " where outbox_id = %s", (row["outbox_id"],))
+        late.execute("set statement_timeout = '10s'")
+        recording = late.cursor()
+        done = asyncio.run(_record_while(recording, outcome, other))
+
+    assert done == []  # ... while the first worker's outcome waits for the row: ignored
+    state = conn.execute("select lease_owner, attempts, delivered_at from taskman_private.outbox"
+                         " where outbox_id = %s", (row["outbox_id"],)).fetchone()
+    assert state == {"lease_owner": "fast", "attempts": 0, "delivered_at": None}
+    assert delivery_events(conn, task["task_id"]) == []
+
+
+async def _record_while(cursor: psycopg.Cursor, outcome: Jsonb,
+                        holder: psycopg.Connection) -> list[Any]:
+    """Record `outcome` in a thread while `holder`'s open transaction holds the row; commit
+    it once the record waits for the lock."""
+    recorded = asyncio.create_task(asyncio.to_thread(
+        lambda: cursor.execute("select outcome from taskman.record_outbox_results(%s)",
+                               (outcome,)).fetchall()))
+    await asyncio.sleep(0.5)
+    assert not recorded.done()  # it waits for the row
+    holder.execute("commit")
+    return await recorded
 
 
 @pytest.mark.parametrize("poison", ["[" * 5000 + "]" * 5000,  # deeper than Python reads

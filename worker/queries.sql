@@ -145,10 +145,10 @@ select coalesce(max(e.event_id), 0) as event_id from taskman.task_events e
 -- Events above `after`, and those of `missing` (ids above an older `after` that were
 -- not committed yet when last read), oldest first. Every event comes back, so that
 -- gaps in the ids are real; `change` marks those NOTIFY announces (an insert, a
--- status change, a poll's progress), with NOTIFY's payload fields.
+-- status change, progress from a poll or a callback), with NOTIFY's payload fields.
 select e.event_id, e.task_id, e.to_status as status, e.user_id,
        (e.event_type in ('created', 'status_changed', 'cancelled', 'retried')
-        or (e.event_type = 'polled' and e.detail ? 'news')) as change
+        or (e.event_type in ('polled', 'callback_received') and e.detail ? 'news')) as change
 from (
   select * from taskman.task_events m where m.event_id = any(%(missing)s::bigint[])
   union all
@@ -174,6 +174,10 @@ left join taskman_private.task_private p on p.task_id = c.task_id
 select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
                                                  %(base_delay_seconds)s::float8,
                                                  %(max_delay_seconds)s::float8)
+
+-- name: release_outbox
+-- A worker stopping gives back what it claimed and did not record: due at once.
+select taskman.release_outbox(%(worker_id)s::text, %(only_channel)s::text) as released
 
 -- The polling service (worker.polling): claim, record, sweep, release, and when to wake.
 

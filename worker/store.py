@@ -317,6 +317,15 @@ async def record_outbox_results(
         return await cur.fetchall()
 
 
+async def release_outbox(conn: psycopg.AsyncConnection[Any], worker_id: str, *,
+                         channel: str | None = None) -> int:
+    """Give back the notifications (of ``channel`` only, if given) that ``worker_id``
+    claimed and did not record: due at once, their delivery ids unchanged. Returns how
+    many."""
+    return int(await _ascalar(conn, "release_outbox",
+                              {"worker_id": worker_id, "only_channel": channel}))
+
+
 # --- remote hosts ---------------------------------------------------------------------------
 
 

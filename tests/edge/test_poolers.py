@@ -75,3 +75,29 @@ def test_polled_events_include_a_change_committed_after_later_ones(poolers,
         assert stream.next_event() == {"task_id": str(late), "status": "pending",
                                        "user_id": None}
         stream.close()
+
+
+def test_progress_reported_by_callbacks_reaches_events_however_changes_are_followed(
+        pooled: Arrangement, api) -> None:
+    """Progress from the edge's callback route and from update_task with the callback
+    token is a change on /events, with LISTEN or without (read back from task_events);
+    a report that changes nothing is not, and a status change is one event, not two."""
+    with serve_edge(pooled.database_url, **pooled.settings) as edge, edge.client() as http:
+        task = http.post("/tasks", json={}).json()  # no poll_url: it waits for reports
+        task_id, token = task["task_id"], task["callback_token"]
+        stream = Listener(edge.url, API_KEY)
+        stream.wait_connected()
+        with edge.client(token=None) as third_party:
+            assert third_party.post(f"/callbacks/{task_id}", params={"token": token},
+                                    json={"progress": 40}).status_code == 200
+            for _ in range(2):  # the second one changes nothing
+                api.rpc("anon", "update_task", task_id=task_id, progress=70,
+                        progress_message="almost", callback_token=token)
+            assert third_party.post(f"/callbacks/{task_id}", params={"token": token},
+                                    json={"status": "completed"}).status_code == 200
+        marker = http.post("/tasks", json={}).json()["task_id"]
+
+        events = [stream.next_event() for _ in range(4)]
+        stream.close()
+    assert [(e["task_id"], e["status"]) for e in events] == [
+        (task_id, "pending"), (task_id, "pending"), (task_id, "completed"), (marker, "pending")]

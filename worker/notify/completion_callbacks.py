@@ -35,8 +35,15 @@ KEPT_ERROR_BODY = 500
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
     """The ``X-Taskman-Signature`` value for ``body`` sent at ``timestamp``."""
-    message = f"{timestamp}.".encode() + body
-    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return _signed(hmac.new(secret.encode(), digestmod=hashlib.sha256), timestamp, body)
+
+
+def _signed(keyed: hmac.HMAC, timestamp: int, body: bytes) -> str:
+    """``sign`` with the secret's HMAC state already keyed (it is copied, not changed)."""
+    mac = keyed.copy()
+    mac.update(b"%d." % timestamp)
+    mac.update(body)
+    return "sha256=" + mac.hexdigest()
 
 
 def verify_signature(
@@ -63,9 +70,12 @@ def verify_signature(
     return hmac.compare_digest(sign(secret, sent_at, body), signature)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def callback_body(payload: Mapping[str, Any]) -> bytes:
     """The exact bytes POSTed (and signed): the task's public JSON, compact UTF-8."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return _COMPACT.encode(payload).encode()
 
 
 def callback_client(settings: Settings) -> aiohttp.ClientSession:
@@ -96,7 +106,7 @@ class CallbackSender:
     def __init__(self, http: aiohttp.ClientSession, secret: str | None,
                  refusals: RefusedCallbacks | None = None) -> None:
         self._http = http
-        self._secret = secret
+        self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256) if secret else None
         self._refusals = refusals or RefusedCallbacks()
 
     async def deliver(self, outbox_id: int, payload: Mapping[str, Any],
@@ -121,8 +131,8 @@ class CallbackSender:
             EVENT_HEADER: f"task.{payload.get('status')}",
             TIMESTAMP_HEADER: str(timestamp),
         }
-        if self._secret:
-            headers[SIGNATURE_HEADER] = sign(self._secret, timestamp, body)
+        if self._keyed is not None:
+            headers[SIGNATURE_HEADER] = _signed(self._keyed, timestamp, body)
         if extra_headers:
             if problem := headers_problem(extra_headers, "callback"):
                 return Delivery("given_up", reason="invalid_headers",

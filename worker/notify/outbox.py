@@ -28,6 +28,7 @@ import math
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -252,31 +253,41 @@ def _unexpected(what: str, rows: Sequence[OutboxRow], exc: Exception) -> Deliver
 
 @dataclass
 class _Host:
-    """A callback host's rows held by this worker, and its limit on requests at once."""
+    """A callback host's rows held by this worker: ready to go (oldest first), and how
+    many are being sent."""
 
-    limit: asyncio.Semaphore
-    held: int = 0
+    ready: deque[tuple[OutboxRow, float]] = field(default_factory=deque)
+    sending: int = 0
+
+    @property
+    def held(self) -> int:
+        return len(self.ready) + self.sending
 
 
 @dataclass
 class _Room:
-    """What the stream holds: rows claimed and not yet finished, by host."""
+    """What the stream holds: rows claimed and not yet finished, by host, and the hosts
+    that have a row ready and room to send it, in turn order."""
 
     hosts: dict[str, _Host] = field(default_factory=dict)
     held: int = 0
+    runnable: dict[str, None] = field(default_factory=dict)
 
 
 class CallbackStream:
     """Delivers completion callbacks as they are enqueued, for one worker (a worker
     ``Service``). Safe to run in any number of workers at once.
 
-    It holds at most ``TASKMAN_CONCURRENCY`` callbacks its hosts would let go now, and
-    sends at most ``TASKMAN_PER_HOST_CONCURRENCY`` at once to one host (the URL's
-    authority). A host with that many rows held is skipped by the next claims, so a slow
-    receiver keeps a few rows waiting, not the whole worker. Rows are claimed in due
-    order, each task's in order; each row goes out as soon as its host has room, and
-    its outcome joins the next ``record_outbox_results`` batch. At least once: a row
-    whose lease ran out while it waited is left to whoever claims it next.
+    ``TASKMAN_CONCURRENCY`` senders send the callbacks, at most
+    ``TASKMAN_PER_HOST_CONCURRENCY`` at once to one host (the URL's authority); hosts
+    with rows ready take turns. Beside those in flight the stream holds up to one
+    claim's worth ready, so that sending does not wait for a claim's round trip. A host
+    holding twice its limit (as many in flight, as many ready) is skipped by the next
+    claims, so a slow receiver keeps a few rows waiting, not the whole worker. Rows are
+    claimed in due order, each task's in order; each goes out as soon as a sender and
+    its host have room, and its outcome joins the next ``record_outbox_results`` batch.
+    At least once: a row whose lease ran out while it waited is left to whoever claims
+    it next.
     """
 
     name = "deliver_callbacks"
@@ -291,18 +302,23 @@ class CallbackStream:
         self._callbacks = CallbackSender(http, secret, refusals)
         self._capacity = settings.concurrency
         self._per_host = settings.per_host_concurrency
+        # Rows held ready beyond those in flight: one claim's worth.
+        self._ahead = min(settings.outbox_batch_size, self._capacity)
         # Claim again once this much room is free (or when nothing is held), so that a
         # busy stream claims in batches rather than a row at a time.
-        self._refill = max(1, min(settings.outbox_batch_size, self._capacity) // 4)
-        # A row may wait for its host behind one claim's worth of rows, sent
-        # per_host at a time, each taking up to the timeout; one round more for margin.
-        waves = math.ceil(min(settings.outbox_batch_size, self._capacity) / self._per_host) + 1
+        self._refill = max(1, self._ahead // 4)
+        # A host is skipped by claims once it holds this many rows.
+        self._host_full = 2 * self._per_host
+        # A row may wait for its host behind one claim's worth of rows and a full host's,
+        # sent per_host at a time, each taking up to the timeout; then for a sender,
+        # behind at most the rows held ready; one round more for margin.
+        waves = math.ceil((self._ahead + self._host_full) / self._per_host) + 2
         self._lease_seconds = min(
             MAX_LEASE_SECONDS,
             max(settings.lease_seconds, math.ceil(settings.callback_timeout_seconds * waves)),
         )
         self._room = _Room()
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._idle: deque[asyncio.Future[None]] = deque()  # senders waiting for a row
         self._results: list[dict[str, Any]] = []
         self._result_added = asyncio.Event()
         self._draining = False
@@ -312,30 +328,34 @@ class CallbackStream:
 
     async def run(self, context: ServiceContext) -> None:
         """Deliver until ``context.stopping``; then let the callbacks in flight finish
-        within ``TASKMAN_SHUTDOWN_GRACE`` and record them."""
+        within ``TASKMAN_SHUTDOWN_GRACE``, record them, and give back the rest (sends cut
+        off, rows still waiting), which other workers then deliver at once."""
         recorder = asyncio.create_task(self._record_loop(context), name="record_callbacks")
+        senders = [asyncio.create_task(self._sender(context), name="send_callbacks")
+                   for _ in range(self._capacity)]
         try:
             await self._claim_loop(context)
-            if self._deliveries:
-                _, unfinished = await asyncio.wait(
-                    set(self._deliveries), timeout=self._settings.shutdown_grace_seconds)
-                for delivery in unfinished:
-                    delivery.cancel()  # unrecorded: sent again when its lease ends
-                await asyncio.gather(*unfinished, return_exceptions=True)
+            self._wake_senders(len(self._idle))  # idle ones end; busy ones after their send
+            _, unfinished = await asyncio.wait(
+                senders, timeout=self._settings.shutdown_grace_seconds)
+            for sender in unfinished:
+                sender.cancel()  # its send is unrecorded: given back below
+            await asyncio.gather(*senders, return_exceptions=True)
             self._draining = True
             self._result_added.set()
             await recorder
+            await self._release(context)
         finally:
             recorder.cancel()
-            for delivery in self._deliveries:
-                delivery.cancel()
+            for sender in senders:
+                sender.cancel()
 
     # Claiming -------------------------------------------------------------------------
 
     def _free(self) -> int:
         """Rows the stream may claim now."""
-        sendable = sum(min(h.held, self._per_host) for h in self._room.hosts.values())
-        return min(self._capacity - sendable, 4 * self._capacity - self._room.held)
+        sendable = sum(min(h.held, self._host_full) for h in self._room.hosts.values())
+        return min(self._capacity + self._ahead - sendable, 4 * self._capacity - self._room.held)
 
     async def _claim_loop(self, context: ServiceContext) -> None:
         failures = 0
@@ -364,56 +384,89 @@ class CallbackStream:
                 await _wait(context.wake, idle)
 
     async def _claim(self, context: ServiceContext, wanted: int) -> int:
-        busy = [key for key, host in self._room.hosts.items() if host.held >= self._per_host]
+        busy = [key for key, host in self._room.hosts.items() if host.held >= self._host_full]
         lease_ends = time.monotonic() + self._lease_seconds  # no later than the database's
         async with context.connection() as conn:
             rows = await store.claim_outbox(conn, self.worker_id, wanted, self._lease_seconds,
                                             channel="callback", skip_hosts=busy)
         for row in rows:
-            self._start(context, OutboxRow.claimed(**row), lease_ends)
+            self._hold(OutboxRow.claimed(**row), lease_ends)
+        self._wake_senders(len(rows))
         return len(rows)
 
-    def _start(self, context: ServiceContext, row: OutboxRow, lease_ends: float) -> None:
+    def _hold(self, row: OutboxRow, lease_ends: float) -> None:
         key = callback_host((row.payload or {}).get("callback_url"))
         host = self._room.hosts.get(key)
         if host is None:
-            host = self._room.hosts[key] = _Host(asyncio.Semaphore(self._per_host))
-        host.held += 1
+            host = self._room.hosts[key] = _Host()
+        host.ready.append((row, lease_ends))
         self._room.held += 1
-        delivery = asyncio.create_task(self._deliver(context, row, key, host, lease_ends))
-        self._deliveries.add(delivery)
-        delivery.add_done_callback(self._deliveries.discard)
+        if host.sending < self._per_host:
+            self._room.runnable[key] = None
 
     # Delivering -----------------------------------------------------------------------
 
-    async def _deliver(self, context: ServiceContext, row: OutboxRow, key: str, host: _Host,
-                       lease_ends: float) -> None:
-        delivery: Delivery | None = None
+    def _wake_senders(self, count: int) -> None:
+        """Wake up to `count` idle senders."""
+        while count and self._idle:
+            waiting = self._idle.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+                count -= 1
+
+    def _next(self) -> tuple[str, _Host, OutboxRow, float] | None:
+        """The next row to send: the oldest of the host whose turn it is."""
+        runnable = self._room.runnable
+        if not runnable:
+            return None
+        key = next(iter(runnable))
+        del runnable[key]
+        host = self._room.hosts[key]
+        row, lease_ends = host.ready.popleft()
+        host.sending += 1
+        if host.ready and host.sending < self._per_host:
+            runnable[key] = None  # to the back: the other hosts' turn first
+        return key, host, row, lease_ends
+
+    async def _sender(self, context: ServiceContext) -> None:
+        """Send rows as they are ready until ``context.stopping``."""
+        while not context.stopping.is_set():
+            picked = self._next()
+            if picked is None:
+                waiting = asyncio.get_running_loop().create_future()
+                self._idle.append(waiting)
+                await waiting
+                continue
+            key, host, row, lease_ends = picked
+            delivery: Delivery | None = None
+            try:
+                delivery = await self._attempt(row, lease_ends)
+            finally:
+                host.sending -= 1
+                self._room.held -= 1
+                if host.ready:
+                    self._room.runnable[key] = None
+                elif not host.sending:
+                    del self._room.hosts[key]
+                if self._free() >= self._refill or not self._room.held:
+                    context.wake.set()
+            if delivery is not None:
+                self._results.append(_result(self.worker_id, row, delivery))
+                self._result_added.set()
+
+    async def _attempt(self, row: OutboxRow, lease_ends: float) -> Delivery | None:
+        """Send `row`; None leaves it unrecorded: past its lease, it may be someone
+        else's now."""
+        if time.monotonic() >= lease_ends:
+            log.warning("callback %s waited for its host past its lease; not sent",
+                        row.outbox_id, extra={"task_id": str(row.task_id)})
+            return None
+        if row.payload is None:
+            return Delivery("failed", reason="unreadable_payload", error=row.problem)
         try:
-            async with host.limit:
-                # A row that waited for its host past its lease may already be someone
-                # else's: leave it to them.
-                if time.monotonic() >= lease_ends:
-                    log.warning("callback %s waited for its host past its lease; not sent",
-                                row.outbox_id, extra={"task_id": str(row.task_id)})
-                elif row.payload is None:
-                    delivery = Delivery("failed", reason="unreadable_payload", error=row.problem)
-                else:
-                    try:
-                        delivery = await self._callbacks.deliver(row.outbox_id, row.payload,
-                                                        row.headers)
-                    except Exception as exc:  # one row's surprise must not stop the others
-                        delivery = _unexpected("callback", [row], exc)
-        finally:
-            host.held -= 1
-            self._room.held -= 1
-            if not host.held:
-                del self._room.hosts[key]
-            if self._free() >= self._refill or not self._room.held:
-                context.wake.set()
-        if delivery is not None:
-            self._results.append(_result(self.worker_id, row, delivery))
-            self._result_added.set()
+            return await self._callbacks.deliver(row.outbox_id, row.payload, row.headers)
+        except Exception as exc:  # one row's surprise must not stop the others
+            return _unexpected("callback", [row], exc)
 
     # Recording ------------------------------------------------------------------------
 
@@ -458,7 +511,22 @@ class CallbackStream:
                 return
 
 
+    async def _release(self, context: ServiceContext) -> None:
+        """Give back the callbacks claimed and not recorded (at shutdown, once recorded)."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_DB_SECONDS), context.connection() as conn:
+                released = await store.release_outbox(conn, self.worker_id, channel="callback")
+        except (*_DB_ERRORS, psycopg.Error, TimeoutError) as exc:
+            log.error("could not give back unsent callbacks (%r); they are sent again when "
+                      "their leases end", exc)
+            return
+        if released:
+            log.info("gave back %d unsent callbacks", released, extra={"released": released})
+
+
 _DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
+# At shutdown, how long giving back unsent callbacks may take.
+SHUTDOWN_DB_SECONDS = 5.0
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
