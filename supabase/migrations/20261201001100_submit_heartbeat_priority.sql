@@ -872,9 +872,15 @@ begin
     from read r
   ),
   marked as (
-    select d.*, (d.news or d.new_status <> d.old_status) as visible,
-           d.new_status in ('completed', 'failed') as finished
+    -- next_poll_at is decided here, once, for the schedule, the row and the events
+    -- (joining the schedule's update back costs a nested loop per batch).
+    select d.*, (d.news or d.new_status <> d.old_status) as visible, f.finished,
+           case when f.finished then null
+                -- A submitted task without a handle waits for its callback.
+                when d.accepted and d.new_poll_url is null then null
+                else now() + make_interval(secs => d.delay_seconds) end as next_poll_at
     from decided d
+    cross join lateral (select d.new_status in ('completed', 'failed') as finished) f
   ),
   scheduled as (
     update taskman_private.task_schedule s
@@ -886,13 +892,9 @@ begin
         alive_at = case when m.ok then now() else s.alive_at end,
         lease_owner = null,
         lease_expires_at = null,
-        -- A submitted task without a handle waits for its callback.
-        next_poll_at = case when m.finished then null
-                            when m.accepted and m.new_poll_url is null then null
-                            else now() + make_interval(secs => m.delay_seconds) end
+        next_poll_at = m.next_poll_at
     from marked m
     where s.task_id = m.task_id
-    returning s.task_id, s.next_poll_at
   ),
   written as (
     update taskman.tasks t
@@ -909,9 +911,8 @@ begin
         attempt_count = m.new_attempt_count,
         error_count = m.new_error_count,
         last_polled_at = now(),
-        next_poll_at = sc.next_poll_at
+        next_poll_at = m.next_poll_at
     from marked m
-    join scheduled sc on sc.task_id = m.task_id
     where t.task_id = m.task_id and m.visible
     returning t.task_id
   ),
@@ -939,9 +940,8 @@ begin
              'error_count', m.new_error_count,
              'polled', case when e.event_type = 'submitted' and m.ok
                             then m.new_poll_url is not null end,
-             'next_poll_at', case when e.event_type = 'retry_scheduled' then sc.next_poll_at end))
+             'next_poll_at', case when e.event_type = 'retry_scheduled' then m.next_poll_at end))
     from marked m
-    join scheduled sc on sc.task_id = m.task_id
     cross join lateral (
       select case when m.is_submit then 'submitted' else 'polled' end as event_type
       union all
