@@ -285,10 +285,11 @@ select taskman.reset_host(%(host)s::text, %(spread_seconds)s::float8) as host
 select taskman.host_status() as hosts
 
 -- name: host_metrics
--- Every host with a row, and its live tasks (task_schedule_host_idx).
+-- Every host with a row, and its live tasks (one scan of the schedule).
 select h.host, h.state = 'open' as open, coalesce(h.paused_until > now(), false) as paused,
        h.consecutive_failures, h.failures_total, h.throttled_total, h.rate_limit,
-       (select count(*) from taskman_private.task_schedule s
-        where s.host = h.host and s.next_poll_at is not null) as tasks_waiting
+       coalesce(w.tasks, 0) as tasks_waiting
 from taskman_private.hosts h
+left join (select s.host, count(*) as tasks from taskman_private.task_schedule s
+           where s.next_poll_at is not null group by s.host) w on w.host = h.host
 order by h.host
