@@ -122,6 +122,8 @@ def test_start_at_delays_the_first_poll_and_the_submit_and_moves_the_deadline(
     ({"priority": -101}, "priority"),
     ({"heartbeat_seconds": 0}, "heartbeat_seconds"),
     ({"heartbeat_seconds": 604801}, "heartbeat_seconds"),
+    # Shorter than the poll interval: the task would die between two good polls.
+    ({"heartbeat_seconds": 5, "poll_interval_seconds": 10}, "heartbeat_seconds"),
     ({"start_at": "2999-01-01T00:00:00Z"}, "start_at"),
 ])
 def test_out_of_range_scheduling_input_is_refused_naming_the_field(conn, args, field) -> None:

@@ -201,7 +201,8 @@ def test_a_worker_killed_between_send_and_record_resends_the_same_key_once(
     remote.script("/slow/1", Reply(json={"status": "running"}))
     task_id = create_task(conn, poll_url=None, submit_url=url, poll_interval_seconds=1,
                           submit_body={"n": 1})["task_id"]
-    env = {"TASKMAN_LEASE_SECONDS": "5", "TASKMAN_POLL_TIMEOUT": "60"}
+    # A submit is sent only with its whole timeout left on the lease.
+    env = {"TASKMAN_LEASE_SECONDS": "5", "TASKMAN_POLL_TIMEOUT": "4"}
     first = start_worker_process(database_url, **env)
     workers.append(first)
     wait_until(lambda: remote.hits("/slow"), timeout=30)
@@ -295,3 +296,33 @@ def test_submit_headers_cannot_be_read_back_by_users(conn, api) -> None:
             cur.execute("select submit_headers from taskman_private.task_private")
     assert private_row(conn, created["task_id"])["submit_headers"] == {
         "Authorization": "Bearer hidden"}
+
+
+def test_a_retried_task_keeps_the_callback_token_its_remote_was_handed(conn) -> None:
+    created = create_task(conn, poll_url=None, submit_url="https://api.example.com/jobs",
+                          submit_body={"notify": "{callback_url}"})
+    task_id = created["task_id"]
+    # As the worker records an accepted submit whose job later failed.
+    conn.execute("update taskman.tasks set submitted_at = now(), status = 'failed',"
+                 " error_code = 'remote_failed' where task_id = %s", (task_id,))
+    retried = conn.execute("select taskman.retry_task(%s) as r", (task_id,)).fetchone()["r"]
+    assert retried["callback_token"] == created["callback_token"]
+    reported = conn.execute(
+        "select taskman.update_task(%s, status => 'completed', callback_token => %s) as r",
+        (task_id, created["callback_token"])).fetchone()["r"]
+    assert reported["status"] == "completed"
+
+
+def test_a_submit_answer_that_cannot_be_stored_ends_the_task_and_is_not_sent_again(
+        conn, database_url, remote) -> None:
+    # A job id jsonb cannot hold (a NUL character) makes the batch's record fail.
+    url = remote.script("/nul", Reply(202, json={"id": "job\u0000"}))
+    task_id = create_task(conn, poll_url=None, submit_url=url, max_attempts=5,
+                          poll_config={"job_id_path": "id",
+                                       "poll_url_template": remote.url("/nul/{job_id}")}
+                          )["task_id"]
+    with running_worker(database_url):
+        row = finished(conn, task_id)
+    assert (row["status"], row["error_code"]) == ("failed", "invalid_response")
+    assert "could not be stored" in private_row(conn, task_id)["last_error"]
+    assert len(posts(remote, "/nul")) == 1

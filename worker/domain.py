@@ -113,9 +113,9 @@ class TaskCreate(BaseModel):
         None, description="Extra headers sent with the completion callback; write-only.")
     start_at: StartAt | None = Field(
         None, description="The first submit or poll waits for this time.")
-    priority: Annotated[int, Field(ge=-100, le=100)] | None = Field(
+    priority: Annotated[Integer, Field(ge=-100, le=100)] | None = Field(
         None, description="-100..100, default 0: among due tasks, higher goes first.")
-    heartbeat_seconds: Annotated[int, Field(ge=1, le=604_800)] | None = Field(
+    heartbeat_seconds: Annotated[Integer, Field(ge=1, le=604_800)] | None = Field(
         None, description="A started task silent this long fails with heartbeat_timeout.")
 
 

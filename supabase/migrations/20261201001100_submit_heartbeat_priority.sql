@@ -183,6 +183,13 @@ begin
   if t.heartbeat_seconds not between 1 and 604800 then
     perform taskman_private.reject('heartbeat_seconds', 'must be between 1 and 604800 (7 days)');
   end if;
+  -- A polled task shows life once a poll: a shorter heartbeat would end it between two.
+  if t.heartbeat_seconds < t.poll_interval_seconds
+     and (t.poll_url is not null or t.submit_url is not null) then
+    perform taskman_private.reject('heartbeat_seconds', format(
+      'must be at least poll_interval_seconds (%s): each poll that works is a sign of life',
+      t.poll_interval_seconds));
+  end if;
 end
 $$;
 
@@ -287,7 +294,9 @@ as $$
 $$;
 
 -- As before; for a task whose submit uses {callback_url}, the plain token is kept
--- service-side too (the worker puts it in the URL it hands the remote).
+-- service-side too (the worker puts it in the URL it hands the remote). Once that
+-- submit was sent, the token stays (a retry polls or waits for the same job, whose
+-- remote holds that URL).
 create or replace function taskman_private.issue_callback_token(task_id uuid)
 returns text
 language plpgsql volatile
@@ -297,7 +306,15 @@ declare
   token text := replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '');
   kept text := case when taskman_private.submit_needs_callback_url(issue_callback_token.task_id)
                     then token end;
+  handed text;
 begin
+  select p.submit_callback_token into handed
+  from taskman_private.task_private p
+  join taskman.tasks t on t.task_id = p.task_id
+  where p.task_id = issue_callback_token.task_id and t.submitted_at is not null;
+  if handed is not null then
+    return handed;
+  end if;
   insert into taskman_private.task_private (task_id, callback_token_hash, submit_callback_token)
   values (issue_callback_token.task_id, sha256(convert_to(token, 'UTF8')), kept)
   on conflict on constraint task_private_pkey do update
@@ -975,10 +992,14 @@ returns integer
 language sql volatile security definer
 set search_path = ''
 as $$
+  -- The schedule row is locked with the task's (both skipped if either is taken): the
+  -- status change rewrites it, and a worker may hold it while it waits for a task row
+  -- of its own batch, so waiting for it here could close a cycle.
   with overdue as (
     select t.task_id from taskman.tasks t
+    join taskman_private.task_schedule s on s.task_id = t.task_id
     where t.status in ('pending', 'in_progress') and t.deadline_at <= now()
-    for update skip locked
+    for update of t, s skip locked
   ),
   expired as (
     update taskman.tasks t set status = 'failed', error_code = 'timeout', error_message = null
@@ -992,7 +1013,7 @@ as $$
       and t.deadline_at > now()
       and greatest(t.started_at, t.updated_at, s.alive_at)
           + make_interval(secs => t.heartbeat_seconds) <= now()
-    for update of t skip locked
+    for update of t, s skip locked
   ),
   stopped as (
     update taskman.tasks t

@@ -634,6 +634,10 @@ as $$
       and s.host in (select x.host from taskman_private.hosts x
                      where x.state = 'open' or x.rate_limit is not null
                         or x.paused_until > now() or x.consecutive_failures > 0)
+      -- Evaluated once: with every host healthy (the usual case) the schedule is not read.
+      and exists (select 1 from taskman_private.hosts x
+                  where x.state = 'open' or x.rate_limit is not null
+                     or x.paused_until > now() or x.consecutive_failures > 0)
     group by s.host
   )
   select coalesce(jsonb_agg(jsonb_build_object(

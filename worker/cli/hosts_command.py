@@ -15,7 +15,6 @@ from typing import Any
 
 from worker import store
 from worker.cli.task_commands import EXIT_USAGE, CommandError, format_table, open_database
-from worker.config import Settings
 from worker.remote.host_keys import host_key
 
 _COLUMNS = ["host", "state", "since", "next_probe_at", "paused_until", "rate_limit",
@@ -42,7 +41,7 @@ def cmd_hosts_reset(conninfo: str, args: argparse.Namespace) -> int:
         raise CommandError(f"{args.host!r} is not a host: give it as `taskman hosts` lists "
                            "it, like https://api.example.com:443", EXIT_USAGE)
     with open_database(conninfo) as conn:
-        row = store.reset_host(conn, key, Settings().host_resume_spread_seconds)
+        row = store.reset_host(conn, key, args.settings.host_resume_spread_seconds)
     if row is None:
         raise CommandError(f"no such host: {key} (`taskman hosts` lists the known ones)",
                            EXIT_USAGE)

@@ -370,7 +370,10 @@ class Worker:
             async with self._hosts.limit(urlsplit(task.request_url).netloc):
                 # A task that waited for its host past its lease may already be someone
                 # else's: leave it to them.
-                if time.monotonic() < lease_ends:
+                # A submit must also end before the lease does, or another worker
+                # could send it a second time.
+                needed = self.settings.poll_timeout_seconds if task.submit_url else 0.0
+                if time.monotonic() + needed < lease_ends:
                     # Neither raises. A task still to be submitted is submitted instead.
                     outcome = await (self._submitter.submit(task) if task.submit_url
                                      else self._poller.poll(task))
@@ -548,6 +551,9 @@ def _unstorable(outcome: PollOutcome, why: str, delay: float) -> PollOutcome:
                             "reason": "unstorable_answer",
                             "raw_error": f"the answer could not be stored: {why}"}
     reduced["task_id"], reduced["worker_id"] = outcome["task_id"], outcome["worker_id"]
+    if outcome.get("submitted"):
+        # The request was sent and answered: sending it again could start a second job.
+        reduced["submitted"], reduced["status"] = True, "failed"
     if "http_status" in outcome:
         reduced["http_status"] = outcome["http_status"]
     if "latency_ms" in outcome:

@@ -121,8 +121,9 @@ class Submitter:
                                  self.settings.expression_budget)
             reading = None if handle is not None or status == 303 else read_response(
                 reader, status, answer_headers, body, self.settings.expression_budget)
-        except NoHandle as exc:
+        except NoHandle as exc:  # what the remote sent stays service-side
             return seen | _failed("invalid_response", "invalid_handle",
+                                  "The submit's answer names no usable job handle.",
                                   f"The submit's answer names no usable job handle: {exc}.")
         except ProfileError as exc:  # ReadingTooCostly included
             why = "evaluation_budget" if isinstance(exc, ReadingTooCostly) else "invalid_profile"
@@ -140,7 +141,7 @@ class Submitter:
                 "303), and the profile's poll_url_path or job_id_path found nothing.")
         accepted: PollOutcome = {**seen, "ok": True, "status": "in_progress",
                                  "delay_seconds": self._first_poll_delay(task, answer_headers)}
-        if handle is not None and handle.poll_url is not None:
+        if handle is not None:
             accepted["poll_url"] = handle.poll_url
         if handle is not None and handle.job_id is not None:
             accepted["external_id"] = handle.job_id

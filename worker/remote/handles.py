@@ -29,9 +29,9 @@ MAX_JOB_ID = 255
 
 @dataclass(frozen=True)
 class Handle:
-    """Where the job is polled (None: nowhere, it calls back), and its id when read."""
+    """Where the job is polled, and its id when read."""
 
-    poll_url: str | None
+    poll_url: str
     job_id: str | None = None
 
 
