@@ -124,7 +124,8 @@ def test_service_role_reads_private_task_data(api, world) -> None:
 WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_tasks",
                     "release_tasks", "claim_outbox", "record_outbox_results", "release_outbox",
                     "prune_finished_tasks", "record_remote_cancellations", "admit_tasks",
-                    "record_host_outcomes", "reset_host", "set_host_limits"}
+                    "record_host_outcomes", "reset_host", "set_host_limits",
+                    "hold_callbacks"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
                   "task_json", "host_status"}
 
@@ -152,6 +153,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
     "select * from taskman.admit_tasks('w1', '[]')",
     "select * from taskman.record_host_outcomes('w1', '[]')",
+    "select * from taskman.hold_callbacks('w1', '[]')",
     "select taskman.reset_host('https://api.example.com:443')",
     """select taskman.set_host_limits('{"https://api.example.com:443": 1}')""",
 ])

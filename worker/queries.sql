@@ -293,3 +293,20 @@ from taskman_private.hosts h
 left join (select s.host, count(*) as tasks from taskman_private.task_schedule s
            where s.next_poll_at is not null group by s.host) w on w.host = h.host
 order by h.host
+
+-- Callbacks (worker.notify.callback_hosts): the hosts that hold callbacks back, and the
+-- gate after a claim.
+
+-- name: callback_host_states
+-- The hosts with an open circuit or a pause; `closed_to_claims`: not even a probe is due.
+select h.host,
+       coalesce(h.paused_until > now(), false)
+         or (h.state = 'open' and coalesce(h.next_probe_at > now(), true)) as closed_to_claims
+from taskman_private.hosts h
+where h.state = 'open' or h.paused_until > now()
+
+-- name: hold_callbacks
+select held
+from taskman.hold_callbacks(%(worker_id)s::text, %(requests)s::jsonb,
+                            %(cooldown_seconds)s::float8, %(max_cooldown_seconds)s::float8,
+                            %(take_probes)s::boolean) as held

@@ -342,6 +342,27 @@ async def admit_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
         return set(await cur.fetchall())
 
 
+async def callback_host_states(conn: psycopg.AsyncConnection[Any]) -> dict[str, bool]:
+    """The hosts with an open circuit or a pause, each with whether claims skip it now
+    (True: no probe is due)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_q("callback_host_states"))
+        return {r["host"]: r["closed_to_claims"] for r in await cur.fetchall()}
+
+
+async def hold_callbacks(conn: psycopg.AsyncConnection[Any], worker_id: str,
+                         callbacks: Sequence[tuple[int, str]], *, cooldown_seconds: float,
+                         max_cooldown_seconds: float, take_probes: bool = True) -> set[int]:
+    """Of claimed ``(outbox_id, host)`` callbacks, the ids their hosts hold back (given
+    back to the outbox, due, no attempt spent); the others may be sent."""
+    requests = json.dumps([{"outbox_id": i, "host": h} for i, h in callbacks])
+    async with conn.cursor(row_factory=scalar_row) as cur:
+        await cur.execute(_q("hold_callbacks"), {
+            "worker_id": worker_id, "requests": requests, "cooldown_seconds": cooldown_seconds,
+            "max_cooldown_seconds": max_cooldown_seconds, "take_probes": take_probes})
+        return set(await cur.fetchall())
+
+
 async def record_host_outcomes(conn: psycopg.AsyncConnection[Any], worker_id: str,
                                outcomes: Sequence[Row], *, failure_threshold: int,
                                cooldown_seconds: float, max_cooldown_seconds: float,

@@ -13,7 +13,8 @@ for failures, callbacks for every task with a ``callback_url``). Two ways delive
   (channel ``taskman_outbox``) wakes it, it keeps claiming while rows are due and it
   has room, each callback goes out as soon as it is claimed (within its host's
   limit), and outcomes are recorded in batches as they finish. Without LISTEN it
-  looks every ``TASKMAN_CHANGE_CHECK_INTERVAL``.
+  looks every ``TASKMAN_CHANGE_CHECK_INTERVAL``. Receivers' hosts with an open circuit
+  or a Retry-After pause get no callbacks meanwhile (``callback_hosts``).
 
 Without Slack settings, alerts are given up at once with reason
 ``slack_not_configured``, so they neither pile up nor vanish silently.
@@ -26,7 +27,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -42,6 +42,7 @@ from psycopg_pool import PoolTimeout
 from worker import store
 from worker.config import Settings
 from worker.domain import ServiceContext
+from worker.notify.callback_hosts import CallbackHosts, callback_host
 from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.refusals import RefusedCallbacks
@@ -61,14 +62,6 @@ IDLE_CHECK_SECONDS = 1.0
 RECORD_DELAY_SECONDS = 0.005
 RECORD_BATCH = 500
 _DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
-# How claim_outbox keys a callback's host: the URL's authority, as written.
-_AUTHORITY = re.compile(r"^[^:/?#]+://([^/?#]*)")
-
-
-def callback_host(url: object) -> str:
-    """The host key of a callback URL, exactly as claim_outbox's ``skip_hosts`` reads it."""
-    match = _AUTHORITY.match(url) if isinstance(url, str) else None
-    return match.group(1) if match else ""
 
 
 @dataclass(frozen=True)
@@ -286,8 +279,9 @@ class CallbackStream:
     claims, so a slow receiver keeps a few rows waiting, not the whole worker. Rows are
     claimed in due order, each task's in order; each goes out as soon as a sender and
     its host have room, and its outcome joins the next ``record_outbox_results`` batch.
-    At least once: a row whose lease ran out while it waited is left to whoever claims
-    it next.
+    Hosts with an open circuit or a pause are skipped (``CallbackHosts``), and the
+    outcomes count toward their circuits. At least once: a row whose lease ran out
+    while it waited is left to whoever claims it next.
     """
 
     name = "deliver_callbacks"
@@ -319,7 +313,8 @@ class CallbackStream:
         )
         self._room = _Room()
         self._idle: deque[asyncio.Future[None]] = deque()  # senders waiting for a row
-        self._results: list[dict[str, Any]] = []
+        self._hosts = CallbackHosts(settings, worker_id)
+        self._results: list[tuple[OutboxRow, Delivery]] = []
         self._result_added = asyncio.Event()
         self._draining = False
 
@@ -387,15 +382,19 @@ class CallbackStream:
         busy = [key for key, host in self._room.hosts.items() if host.held >= self._host_full]
         lease_ends = time.monotonic() + self._lease_seconds  # no later than the database's
         async with context.connection() as conn:
-            rows = await store.claim_outbox(conn, self.worker_id, wanted, self._lease_seconds,
-                                            channel="callback", skip_hosts=busy)
-        for row in rows:
-            self._hold(OutboxRow.claimed(**row), lease_ends)
-        self._wake_senders(len(rows))
+            skip = [*busy, *await self._hosts.skip_hosts(conn)]
+            rows = [OutboxRow.claimed(**row) for row in await store.claim_outbox(
+                conn, self.worker_id, wanted, self._lease_seconds, channel="callback",
+                skip_hosts=skip)]
+            held = await self._hosts.hold(conn, [(r.outbox_id, _url(r)) for r in rows])
+        sendable = [r for r in rows if r.outbox_id not in held]
+        for row in sendable:
+            self._hold(row, lease_ends)
+        self._wake_senders(len(sendable))
         return len(rows)
 
     def _hold(self, row: OutboxRow, lease_ends: float) -> None:
-        key = callback_host((row.payload or {}).get("callback_url"))
+        key = callback_host(_url(row))
         host = self._room.hosts.get(key)
         if host is None:
             host = self._room.hosts[key] = _Host()
@@ -451,7 +450,7 @@ class CallbackStream:
                 if self._free() >= self._refill or not self._room.held:
                     context.wake.set()
             if delivery is not None:
-                self._results.append(_result(self.worker_id, row, delivery))
+                self._results.append((row, delivery))
                 self._result_added.set()
 
     async def _attempt(self, row: OutboxRow, lease_ends: float) -> Delivery | None:
@@ -486,13 +485,21 @@ class CallbackStream:
                 await self._record(context, batch)
                 context.wake.set()  # a task's next callback may be claimable now
 
-    async def _record(self, context: ServiceContext, batch: list[dict[str, Any]]) -> None:
-        """Record `batch`, retrying through database outages (at shutdown, for a while)."""
+    async def _record(self, context: ServiceContext,
+                      batch: list[tuple[OutboxRow, Delivery]]) -> None:
+        """Record `batch` (first what it says about its hosts: failed probes are given back
+        instead), retrying through database outages (at shutdown, for a while)."""
         failures = 0
+        results: list[dict[str, Any]] | None = None
         while True:
             try:
                 async with context.connection() as conn:
-                    await _record(self._settings, conn, batch)
+                    if results is None:
+                        given_back = await self._hosts.report(
+                            conn, [(r.outbox_id, _url(r), d) for r, d in batch])
+                        results = [_result(self.worker_id, r, d) for r, d in batch
+                                   if r.outbox_id not in given_back]
+                    await _record(self._settings, conn, results)
                 return
             except _DB_ERRORS as exc:
                 failures += 1
@@ -527,6 +534,11 @@ class CallbackStream:
 _DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
 # At shutdown, how long giving back unsent callbacks may take.
 SHUTDOWN_DB_SECONDS = 5.0
+
+
+def _url(row: OutboxRow) -> str | None:
+    url = (row.payload or {}).get("callback_url")
+    return url if isinstance(url, str) else None
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

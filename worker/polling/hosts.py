@@ -86,17 +86,19 @@ class HostGate:
 
     async def report(self, conn: psycopg.AsyncConnection[Any],
                      outcomes: Iterable[Mapping[str, Any]]) -> set[str]:
-        """Record what finished requests (outcomes with ``task_id`` and ``host``) say
-        about their hosts; returns the task ids of failed requests held back because
-        their host is open or paused: they go back to the schedule, and must not be
-        recorded (they do not spend their task's error budget)."""
+        """Record what finished requests (outcomes with ``host``, and ``task_id`` for
+        polls and submits) say about their hosts; returns the task ids of failed
+        requests held back because their host is open or paused: they go back to the
+        schedule, and must not be recorded (they do not spend their task's error
+        budget)."""
         reports = []
         for outcome in outcomes:
             verdict = host_verdict(outcome)
             host = outcome.get("host")
             if verdict is None or host is None:
                 continue
-            reports.append({"task_id": outcome["task_id"], "host": host, "result": verdict,
+            reports.append({"task_id": outcome.get("task_id"), "host": host,
+                            "result": verdict,
                             "error": _error(outcome) if verdict == "failure" else None,
                             "retry_after_seconds": outcome.get("retry_after_seconds")})
         # Of a host's successes only the last one tells the database anything (that the
