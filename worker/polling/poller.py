@@ -124,16 +124,9 @@ class Poller:
             # What Taskman would send is not valid HTTP: sending it again will not help.
             return _failed("poll_error", "invalid_request",
                            f"the request could not be sent: {exc}")
-        except ResponseTooLarge:
-            raw = f"the answer exceeded {self.settings.max_response_bytes} bytes"
-            return self._retry(task, "response_too_large", raw, unreadable=True)
-        except UndecodableBody as exc:
-            return self._retry(task, "undecodable_body", str(exc), unreadable=True)
-        except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
-            raw = str(exc) or "no answer within the poll timeout"
-            return self._retry(task, "timeout", f"{type(exc).__name__}: {raw}")
-        except (aiohttp.ClientError, OSError) as exc:
-            return self._retry(task, "connection_error", network_error(exc))
+        except TRANSIENT_ERRORS as exc:
+            return retry_outcome(self.settings, task, self.rand,
+                                 *transient_failure(exc, self.settings))
         latency: PollOutcome = {"latency_ms": (time.perf_counter() - started) * 1000}
         return latency | self._interpret(task, profile, answer)
 
@@ -183,7 +176,8 @@ class Poller:
         seen: PollOutcome = {"http_status": code, "raw_response": raw}
         if backoff.is_transient_status(code):
             wait = _retry_after(answer) if code in (429, 503) else None
-            retry = self._retry(task, "http_status", f"HTTP {code}", wait=wait)
+            retry = retry_outcome(self.settings, task, self.rand, "http_status", f"HTTP {code}",
+                                  wait=wait)
             if code == 429 and wait is not None:
                 retry["retry_after_seconds"] = wait  # pauses the host, not only the task
             return seen | retry
@@ -200,7 +194,8 @@ class Poller:
         progress: PollOutcome = {"progress": reading.progress,
                                  "progress_message": reading.progress_message}
         if reading.state == "unreadable":
-            return seen | self._retry(task, "unreadable_answer", reading.reason, unreadable=True)
+            return seen | retry_outcome(self.settings, task, self.rand, "unreadable_answer",
+                                        reading.reason, unreadable=True)
         if reading.state == "completed":
             return {**seen, "ok": True, "status": "completed", "result": reading.result}
         if reading.state == "failed":
@@ -225,28 +220,46 @@ class Poller:
         delay = task.poll_interval_seconds if wait is None else wait
         return {**seen, **progress, "ok": True, "delay_seconds": self._floored(delay)}
 
-    def _retry(
-        self, task: ClaimedTask, reason: str, raw_error: str | None, *,
-        wait: float | None = None, unreadable: bool = False,
-    ) -> PollOutcome:
-        """A transient failure: counts toward max_attempts, polled again after a backoff
-        (or the remote's Retry-After), never sooner than the floor."""
-        if wait is None:
-            wait = backoff.retry_delay(
-                task.error_count + 1,
-                self.settings.retry_base_seconds,
-                self.settings.retry_max_seconds,
-                self.rand(),
-                floor=self.settings.min_poll_interval_seconds,
-            )
-        outcome: PollOutcome = {"ok": False, "delay_seconds": self._floored(wait),
-                                "reason": reason, "raw_error": raw_error}
-        if unreadable:
-            outcome["error_code"] = "invalid_response"
-        return outcome
-
     def _floored(self, seconds: float) -> float:
         return max(self.settings.min_poll_interval_seconds, seconds)
+
+
+# What a request can fail with that is worth sending again (after the guard's refusals and
+# the bad requests, which are final): see transient_failure.
+TRANSIENT_ERRORS = (ResponseTooLarge, UndecodableBody, TimeoutError, aiohttp.ClientError, OSError)
+
+
+def transient_failure(exc: BaseException, settings: Settings) -> tuple[str, str, bool]:
+    """The reason, raw error and whether the answer was unreadable, of one of
+    TRANSIENT_ERRORS."""
+    if isinstance(exc, ResponseTooLarge):
+        raw = f"the answer exceeded {settings.max_response_bytes} bytes"
+        return "response_too_large", raw, True
+    if isinstance(exc, UndecodableBody):
+        return "undecodable_body", str(exc), True
+    if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts are TimeoutErrors
+        raw = str(exc) or "no answer within the poll timeout"
+        return "timeout", f"{type(exc).__name__}: {raw}", False
+    return "connection_error", network_error(exc), False
+
+
+def retry_outcome(
+    settings: Settings, task: ClaimedTask, rand: Callable[[], float], reason: str,
+    raw_error: str | None,
+    unreadable: bool = False, *, wait: float | None = None,
+) -> PollOutcome:
+    """A transient failure: counts toward max_attempts, sent again after a backoff (or the
+    remote's Retry-After), never sooner than the floor."""
+    if wait is None:
+        wait = backoff.retry_delay(task.error_count + 1, settings.retry_base_seconds,
+                                   settings.retry_max_seconds, rand(),
+                                   floor=settings.min_poll_interval_seconds)
+    outcome: PollOutcome = {"ok": False,
+                            "delay_seconds": max(settings.min_poll_interval_seconds, wait),
+                            "reason": reason, "raw_error": raw_error}
+    if unreadable:
+        outcome["error_code"] = "invalid_response"
+    return outcome
 
 
 def _failed(

@@ -29,10 +29,15 @@ from yarl import URL
 
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome
-from worker.polling.poller import MAX_RAW_RESPONSE, network_error
+from worker.polling.poller import (
+    MAX_RAW_RESPONSE,
+    TRANSIENT_ERRORS,
+    retry_outcome,
+    transient_failure,
+)
 from worker.polling.profile_cache import ProfileCache
 from worker.remote import backoff
-from worker.remote.bodies import ResponseTooLarge, UndecodableBody, read_capped
+from worker.remote.bodies import read_capped
 from worker.remote.handles import NoHandle, fill_placeholders, read_handle, uses_placeholder
 from worker.remote.headers import headers_problem
 from worker.remote.netguard import BlockedURL, InvalidHostName
@@ -94,22 +99,16 @@ class Submitter:
         except _NotSendable as exc:
             return _failed("submit_failed", "invalid_request",
                            f"the submit could not be sent: {exc}")
-        except ResponseTooLarge:
-            raw = f"the answer exceeded {self.settings.max_response_bytes} bytes"
-            return self._retry(task, "response_too_large", raw, unreadable=True)
-        except UndecodableBody as exc:
-            return self._retry(task, "undecodable_body", str(exc), unreadable=True)
-        except TimeoutError as exc:
-            raw = str(exc) or "no answer within the poll timeout"
-            return self._retry(task, "timeout", f"{type(exc).__name__}: {raw}")
-        except (aiohttp.ClientError, OSError) as exc:
-            return self._retry(task, "connection_error", network_error(exc))
+        except TRANSIENT_ERRORS as exc:
+            return retry_outcome(self.settings, task, self.rand,
+                                 *transient_failure(exc, self.settings))
         raw = body[:MAX_RAW_RESPONSE].decode("utf-8", "replace").replace("\x00", "\ufffd")
         seen: PollOutcome = {"http_status": status, "raw_response": raw,
                              "latency_ms": (time.perf_counter() - started) * 1000}
         if backoff.is_transient_status(status):
             wait = backoff.parse_retry_after(answer_headers.get("retry-after"), _now())
-            retry = self._retry(task, "http_status", f"HTTP {status}", wait=wait)
+            retry = retry_outcome(self.settings, task, self.rand, "http_status",
+                                  f"HTTP {status}", wait=wait)
             if status == 429 and wait is not None:
                 retry["retry_after_seconds"] = wait  # pauses the host, not only the task
             return seen | retry
@@ -199,19 +198,6 @@ class Submitter:
         seconds = task.poll_interval_seconds if wait is None else wait
         return max(self.settings.min_poll_interval_seconds, seconds)
 
-    def _retry(self, task: ClaimedTask, reason: str, raw_error: str, *,
-               wait: float | None = None, unreadable: bool = False) -> PollOutcome:
-        """A transient failure: counts toward max_attempts; sent again (same key) later."""
-        if wait is None:
-            wait = backoff.retry_delay(task.error_count + 1, self.settings.retry_base_seconds,
-                                       self.settings.retry_max_seconds, self.rand(),
-                                       floor=self.settings.min_poll_interval_seconds)
-        outcome: PollOutcome = {
-            "ok": False, "reason": reason, "raw_error": raw_error,
-            "delay_seconds": max(self.settings.min_poll_interval_seconds, wait)}
-        if unreadable:
-            outcome["error_code"] = "invalid_response"
-        return outcome
 
 
 def _failed(code: Literal["submit_failed", "invalid_response"], reason: str, message: str,
