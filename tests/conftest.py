@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.missing_tools import missing
 from tests.poolers import ARRANGEMENTS, Arrangement, arrangement
 from tests.remote_api import RemoteAPI, remote_api
 from worker import db
@@ -113,10 +114,7 @@ def require_pgbouncer() -> None:
     """Skip without PgBouncer, except in CI (CI set, as .ci/run sets it), where every test
     must run."""
     if find_pgbouncer() is None:
-        message = "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI runs every test", pytrace=False)
-        pytest.skip(message)
+        missing("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
 
 
 @pytest.fixture(scope="session")

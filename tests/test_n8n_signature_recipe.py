@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.factories import create_task
+from tests.missing_tools import missing
 from tests.remote_api import Hit, start_receiver
 from tests.worker_harness import REPO, start_worker_process, wait_until
 from worker.notify.completion_callbacks import sign
@@ -52,9 +52,7 @@ def readme_code_node() -> str:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("node") is None:
-        if os.environ.get("CI"):
-            pytest.fail("Node.js is needed to run the README's n8n Code node")
-        pytest.skip("Node.js is not installed")
+        missing("Node.js is not installed (it runs the README's n8n Code node)")
     base = tmp_path_factory.mktemp("n8n")
     (base / "harness.js").write_text(HARNESS)
     (base / "code_node.js").write_text(readme_code_node())

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from tests.factories import create_task, make_due, schedule_row, task_row
+from tests.missing_tools import missing
 from tests.remote_api import Reply
 from tests.worker_harness import running_worker, wait_until
 
@@ -82,7 +83,7 @@ def test_the_claim_is_one_index_walk_whatever_the_history_and_the_future(conn) -
     conn.execute("analyze taskman_private.task_schedule")
     plans = _claim_plans(conn)
     if not plans:
-        pytest.skip("auto_explain is not available on this server")
+        missing("auto_explain is not available on this server")
     claim_plan = next(p for p in plans if "Recursive Union" in p)
     # Finding the due tasks (the priority levels, then each level's due tasks): scans of
     # the one index, bounded by the due time, so neither history nor tasks due later
