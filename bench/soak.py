@@ -3,9 +3,9 @@
 Every cycle creates a batch of tasks, polls them twice (running with progress, then
 completed) through claim_due_tasks and record_poll_results, and every few seconds
 the worker's retention batch runs with older_than = --retention seconds. Table and
-index sizes are printed over time: history and service-side rows level off once
-retention catches up (autovacuum reuses the space); taskman.tasks keeps its rows
-(Realtime publishes it; README: Retention) and grows by one narrow row per task.
+index sizes are printed over time: they level off once retention catches up
+(autovacuum reuses the space), taskman.tasks included (plain PostgreSQL: Realtime does
+not stream it; README: Retention).
 
     python -m bench.soak [--seconds 150] [--retention 60] [--rate 200]
 """

@@ -176,3 +176,27 @@ def api(database_url: str) -> Iterator[PostgREST]:
                                       user="authenticator"))
     yield client
     client.close()
+
+
+@pytest.fixture
+def decoding(conn) -> Iterator[callable]:
+    """A logical decoding slot on the test database; calling it returns the changes of
+    taskman.tasks since the last call (INSERT/UPDATE/DELETE lines)."""
+    if conn.execute("show wal_level").fetchone()["wal_level"] != "logical":
+        missing("the server does not run with wal_level=logical")  # the suite's own does
+    slot = f"quiet_{conn.info.backend_pid}"
+    # Decoding reads WAL up to what is flushed: commit this session's writes that far.
+    conn.execute("set synchronous_commit = on")
+    conn.execute("select pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+
+    def changes() -> list[str]:
+        # Writes by other sessions (synchronous_commit off) are flushed by this commit.
+        conn.execute("select pg_logical_emit_message(true, 'taskman-test', 'flush')")
+        rows = conn.execute("select data from pg_logical_slot_get_changes(%s, null, null)",
+                            (slot,)).fetchall()
+        return [r["data"] for r in rows if r["data"].startswith("table taskman.tasks:")]
+
+    try:
+        yield changes
+    finally:
+        conn.execute("select pg_drop_replication_slot(%s)", (slot,))

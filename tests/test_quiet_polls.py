@@ -7,7 +7,6 @@ Realtime carries every row version of taskman.tasks that logical decoding emits,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import datetime
 
 import psycopg
@@ -15,7 +14,6 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.factories import USER_A, USER_B, create_task, events, make_due, schedule_row
-from tests.missing_tools import missing
 
 
 def _claim(conn, worker="w1"):
@@ -30,28 +28,6 @@ def _poll(conn, task_id: str, **outcome) -> None:
     conn.execute("select * from taskman.record_poll_results(%s)", (json.dumps([
         {"task_id": task_id, "worker_id": "w1", "ok": True, "http_status": 200,
          "latency_ms": 3.2, "delay_seconds": 30, **outcome}]),))
-
-
-@pytest.fixture
-def decoding(conn) -> Iterator[callable]:
-    """A logical decoding slot on the test database; calling it returns the changes of
-    taskman.tasks since the last call (INSERT/UPDATE/DELETE lines)."""
-    if conn.execute("show wal_level").fetchone()["wal_level"] != "logical":
-        missing("the server does not run with wal_level=logical")  # the suite's own does
-    slot = f"quiet_{conn.info.backend_pid}"
-    # Decoding reads WAL up to what is flushed: commit this session's writes that far.
-    conn.execute("set synchronous_commit = on")
-    conn.execute("select pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
-
-    def changes() -> list[str]:
-        rows = conn.execute("select data from pg_logical_slot_get_changes(%s, null, null)",
-                            (slot,)).fetchall()
-        return [r["data"] for r in rows if r["data"].startswith("table taskman.tasks:")]
-
-    try:
-        yield changes
-    finally:
-        conn.execute("select pg_drop_replication_slot(%s)", (slot,))
 
 
 def test_polls_with_no_news_write_nothing_subscribers_receive(conn, decoding) -> None:

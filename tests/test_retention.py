@@ -1,5 +1,6 @@
-"""Retention: finished tasks' history and service-side rows go after the retention period,
-live tasks and undelivered notifications never do."""
+"""Retention: finished tasks, their history and service-side rows go after the retention
+period, live tasks and undelivered notifications never do; while Supabase Realtime streams
+taskman.tasks the task rows stay."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import psycopg
 
-from tests.factories import create_task, events, schedule_row
+from tests.factories import create_task, events, schedule_row, task_row
 from tests.test_cli import taskman
 from tests.worker_harness import worker_settings
 from worker.polling.retention import Retention
@@ -56,22 +57,21 @@ def test_prune_dry_run_counts_and_changes_nothing_then_prune_deletes(conn, datab
 
     dry = taskman(database_url, "prune", "--older-than", "7d", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.startswith("would prune 1 finished tasks: 3 events, 1 private rows, "
-                                 "1 schedule rows, 1 delivered notifications")
+    assert dry.stdout.startswith("would prune 1 finished tasks: 1 task rows, 3 events, "
+                                 "1 private rows, 1 schedule rows, 1 delivered notifications")
     assert {name: _left(conn, task_id) for name, task_id in ids.items()} == before
 
     done = taskman(database_url, "prune", "--older-than", "7d")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("pruned 1 finished tasks: 3 events, 1 private rows, "
-                                  "1 schedule rows, 1 delivered notifications")
+    assert done.stdout.startswith("pruned 1 finished tasks: 1 task rows, 3 events, "
+                                  "1 private rows, 1 schedule rows, 1 delivered notifications")
+    assert "task rows kept" not in done.stdout
+    assert task_row(conn, ids["old"]) is None
     assert _left(conn, ids["old"]) == {"events": 0, "private": 0, "schedule": 0, "outbox": 0}
-    # Undelivered notifications keep their task's data; recent and live tasks are untouched.
+    # Undelivered notifications keep their task; recent and live tasks are untouched.
     for name in ("undelivered", "recent", "live"):
+        assert task_row(conn, ids[name]) is not None
         assert _left(conn, ids[name]) == before[name]
-    # The task row stays readable (Realtime publishes taskman.tasks: no row-by-row deletes).
-    row = conn.execute("select taskman.task_json(t) as j from taskman.tasks t"
-                       " where task_id = %s", (ids["old"],)).fetchone()["j"]
-    assert (row["status"], row["attempt_count"]) == ("completed", 1)
 
     again = taskman(database_url, "prune", "--older-than", "7d")
     assert again.stdout.startswith("pruned 0 finished tasks")
@@ -97,6 +97,7 @@ def test_the_workers_retention_job_prunes_in_batches_past_the_period(conn,
     assert asyncio.run(one_round()) == 450  # three batches of at most 200
     assert conn.execute("select count(*) as n from taskman.task_events"
                         " where task_id = any(%s::uuid[])", (ids,)).fetchone()["n"] == 0
+    assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 1
     assert schedule_row(conn, live) is not None and events(conn, live)
     assert asyncio.run(one_round()) == 0
 
@@ -104,3 +105,60 @@ def test_the_workers_retention_job_prunes_in_batches_past_the_period(conn,
 def test_retention_days_zero_keeps_everything(database_url) -> None:
     assert not Retention(worker_settings(database_url, TASKMAN_RETENTION_DAYS="0")).enabled
     assert Retention(worker_settings(database_url)).older_than_seconds == 30 * 86_400
+
+
+def _stream_tasks_with_realtime(conn) -> None:
+    """Make the database look like a Supabase project whose Realtime streams taskman.tasks:
+    the `realtime` schema is there and taskman.tasks is in supabase_realtime."""
+    conn.execute("create schema realtime")
+    conn.execute("create table realtime.subscription (id bigint primary key, entity regclass)")
+    assert conn.execute("select count(*) as n from pg_publication_tables"
+                        " where pubname = 'supabase_realtime' and schemaname = 'taskman'"
+                        " and tablename = 'tasks'").fetchone()["n"] == 1
+
+
+def test_while_realtime_streams_tasks_their_rows_stay_and_prune_says_why(
+        conn, database_url, decoding) -> None:
+    _stream_tasks_with_realtime(conn)
+    old = create_task(conn)["task_id"]
+    _finish(conn, old, "10 days")
+    decoding()  # what came before
+
+    done = taskman(database_url, "prune", "--older-than", "7d")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("pruned 1 finished tasks: 0 task rows, ")
+    assert "task rows kept: Supabase Realtime streams taskman.tasks" in done.stdout
+    assert _left(conn, old) == {"events": 0, "private": 0, "schedule": 0, "outbox": 0}
+    assert task_row(conn, old)["status"] == "completed"
+    assert decoding() == []  # nothing of taskman.tasks reached its subscribers
+
+
+def test_without_realtime_each_pruned_task_is_one_delete_and_nothing_else(
+        conn, database_url, decoding) -> None:
+    old = [create_task(conn)["task_id"] for _ in range(3)]
+    for task_id in old:
+        _finish(conn, task_id, "10 days")
+    live = create_task(conn)["task_id"]
+    decoding()
+
+    done = taskman(database_url, "prune", "--older-than", "7d")
+    assert done.returncode == 0, done.stderr
+    changes = decoding()
+    assert len(changes) == 3 and all(": DELETE: " in c for c in changes)
+    deleted = [c.split("task_id[uuid]:")[1].split()[0].strip("'") for c in changes]
+    assert sorted(deleted) == sorted(old)
+    assert task_row(conn, live) is not None
+
+
+def test_a_task_another_transaction_holds_is_skipped_then_pruned(conn, database_url) -> None:
+    task_id = create_task(conn)["task_id"]
+    _finish(conn, task_id, "10 days")
+    with psycopg.connect(database_url, autocommit=False) as other:
+        # A retry_task or callback in flight holds the row: the batch skips it, no wait.
+        other.execute("select 1 from taskman.tasks where task_id = %s for update", (task_id,))
+        held = taskman(database_url, "prune", "--older-than", "7d")
+        assert held.stdout.startswith("pruned 0 finished tasks")
+        assert task_row(conn, task_id) is not None
+    done = taskman(database_url, "prune", "--older-than", "7d")
+    assert done.stdout.startswith("pruned 1 finished tasks: 1 task rows")
+    assert task_row(conn, task_id) is None

@@ -254,8 +254,9 @@ limit %(limit)s::integer
 -- Retention (the worker's periodic job and `taskman prune`).
 
 -- name: prune_finished_tasks
--- One small batch; `done` says nothing older is left to prune.
-select tasks, events, private_rows, schedule_rows, outbox_rows, done
+-- One small batch; `done` says nothing older is left to prune, `rows_kept` that the task
+-- rows stay because Supabase Realtime streams taskman.tasks.
+select tasks, task_rows, events, private_rows, schedule_rows, outbox_rows, rows_kept, done
 from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::float8),
                                   %(batch_size)s::integer, %(dry_run)s::boolean)
 

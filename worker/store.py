@@ -189,7 +189,8 @@ def troubled_notifications(conn: psycopg.Connection[Any], state: str | None,
 def prune_finished_tasks(conn: psycopg.Connection[Any], older_than_seconds: float,
                          batch_size: int, *, dry_run: bool = False) -> Row:
     """One batch of retention: how many tasks were pruned and how many rows of each kind
-    (``events``, ``private_rows``, ``schedule_rows``, ``outbox_rows``) went; ``done`` when
+    (``task_rows``, ``events``, ``private_rows``, ``schedule_rows``, ``outbox_rows``) went;
+    ``rows_kept`` when task rows stay because Supabase Realtime streams them; ``done`` when
     nothing older is left. A dry run counts everything it would delete, changing nothing."""
     rows = _rows(conn, "prune_finished_tasks", {
         "older_than_seconds": older_than_seconds, "batch_size": batch_size, "dry_run": dry_run})

@@ -1,9 +1,10 @@
 """CLI command ``taskman prune``: apply retention once, now.
 
-``taskman prune --older-than 7d`` deletes, in small batches, the history, private and
-schedule rows and delivered notifications of tasks that ended more than 7 days ago
+``taskman prune --older-than 7d`` deletes, in small batches, the tasks that ended more
+than 7 days ago with their history, private and schedule rows and delivered notifications
 (the worker does the same every minute with ``TASKMAN_RETENTION_DAYS``), and says how
-many rows went. ``--dry-run`` counts them and changes nothing.
+many rows went. While Supabase Realtime streams ``taskman.tasks`` the task rows stay and
+it says so. ``--dry-run`` counts them and changes nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from worker.cli.task_commands import open_database
 
 _UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
 _BATCH = 500
-_KINDS = (("events", "events"), ("private_rows", "private rows"),
-          ("schedule_rows", "schedule rows"), ("outbox_rows", "delivered notifications"))
+_KINDS = (("task_rows", "task rows"), ("events", "events"),
+          ("private_rows", "private rows"), ("schedule_rows", "schedule rows"),
+          ("outbox_rows", "delivered notifications"))
 
 
 def parse_age(text: str) -> float:
@@ -41,9 +43,13 @@ def cmd_prune(conninfo: str, args: argparse.Namespace) -> int:
                 totals[key] += row[key]
             if row["done"] or args.dry_run:
                 break
+    rows_kept = row["rows_kept"]
     counts = ", ".join(f"{totals[kind]:,} {label}" for kind, label in _KINDS)
     verb = "would prune" if args.dry_run else "pruned"
     print(f"{verb} {totals['tasks']:,} finished tasks: {counts}")
+    if rows_kept:
+        print("task rows kept: Supabase Realtime streams taskman.tasks and would send every"
+              " deleted row to every subscriber (README: Retention)")
     return 0
 
 
@@ -51,7 +57,7 @@ def add_prune_command(commands: argparse._SubParsersAction,
                       wrap: Callable[[Callable[..., Any]], Any]) -> None:
     """Register ``prune``; ``wrap`` adapts the handler as for the task commands."""
     command = commands.add_parser(
-        "prune", help="delete finished tasks' history and service-side rows older than an age")
+        "prune", help="delete finished tasks (and their history) older than an age")
     command.add_argument("--older-than", type=parse_age, required=True, metavar="AGE",
                          help="tasks that ended longer ago than this (7d, 12h, 30m, 2w)")
     command.add_argument("--dry-run", action="store_true",

@@ -1,9 +1,10 @@
-"""Retention: the worker deletes finished tasks' service-side data in small batches.
+"""Retention: the worker deletes finished tasks and their data in small batches.
 
 Every ``RETENTION_INTERVAL_SECONDS`` the worker prunes, batch after batch (each its
-own short transaction), what ended more than ``TASKMAN_RETENTION_DAYS`` ago: history,
-private and schedule rows, delivered notifications (``taskman.prune_finished_tasks``).
-Task rows stay: taskman.tasks is published to Realtime (README: Retention).
+own short transaction), what ended more than ``TASKMAN_RETENTION_DAYS`` ago: task rows,
+history, private and schedule rows, delivered notifications
+(``taskman.prune_finished_tasks``). While Supabase Realtime streams taskman.tasks the
+task rows stay (README: Retention).
 """
 
 from __future__ import annotations
