@@ -15,7 +15,6 @@ from psycopg.rows import dict_row
 from tests.factories import create_task, events, schedule_row, task_row
 from tests.remote_api import Reply, remote_api, start_receiver
 from tests.test_outbox import dispatch, end_task, make_settings
-from tests.test_quiet_polls import decoding  # noqa: F401  (a fixture)
 from tests.worker_harness import running_worker, start_worker_process, wait_until
 from worker.migrate import MIGRATIONS_DIR, migrate
 from worker.remote.host_keys import host_key, parse_rate_limits
@@ -315,7 +314,7 @@ def test_an_outage_sends_one_slack_message_on_open_and_one_on_close(conn, databa
 
 
 def test_gating_and_holding_tasks_write_nothing_subscribers_receive(
-        conn, decoding) -> None:  # noqa: F811
+        conn, decoding) -> None:
     host = "https://api.example.com:443"
     ids = [create_task(conn)["task_id"] for _ in range(5)]
     failures = [{"task_id": i, "host": host, "result": "failure"} for i in ids]
