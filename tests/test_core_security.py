@@ -125,7 +125,7 @@ WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_ta
                     "release_tasks", "claim_outbox", "record_outbox_results", "release_outbox",
                     "prune_finished_tasks", "record_remote_cancellations", "admit_tasks",
                     "record_host_outcomes", "reset_host", "set_host_limits",
-                    "hold_callbacks"}
+                    "hold_callbacks", "realtime_mode", "set_realtime_mode"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
                   "task_json", "host_status"}
 
@@ -156,6 +156,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select * from taskman.hold_callbacks('w1', '[]')",
     "select taskman.reset_host('https://api.example.com:443')",
     """select taskman.set_host_limits('{"https://api.example.com:443": 1}')""",
+    "select taskman.set_realtime_mode('broadcast')",
 ])
 def test_api_users_cannot_run_worker_functions(api, world, role, sub, call) -> None:
     assert _attempt(api, role, sub, call) == DENIED

@@ -311,3 +311,11 @@ select held
 from taskman.hold_callbacks(%(worker_id)s::text, %(requests)s::jsonb,
                             %(cooldown_seconds)s::float8, %(max_cooldown_seconds)s::float8,
                             %(take_probes)s::boolean) as held
+
+-- Realtime (taskman realtime): how task changes reach browsers.
+
+-- name: realtime_mode
+select taskman.realtime_mode() as mode
+
+-- name: set_realtime_mode
+select taskman.set_realtime_mode(%(mode)s) as mode

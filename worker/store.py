@@ -400,3 +400,15 @@ def host_status(conn: psycopg.Connection[Any]) -> list[Row]:
 def host_metrics(conn: psycopg.Connection[Any]) -> list[Row]:
     """Every known host's state and counters, for /metrics."""
     return _rows(conn, "host_metrics")
+
+
+def realtime_mode(conn: psycopg.Connection[Any]) -> str:
+    """How Realtime carries task changes: ``changes``, ``broadcast`` or ``none``."""
+    mode: str = _scalar(conn, "realtime_mode")
+    return mode
+
+
+def set_realtime_mode(conn: psycopg.Connection[Any], mode: str) -> str:
+    """Switch Realtime to ``changes`` or ``broadcast``; the mode now in force."""
+    result: str = _scalar(conn, "set_realtime_mode", {"mode": mode})
+    return result

@@ -13,6 +13,7 @@ from worker import migrate as migrations
 from worker.cli.hosts_command import add_hosts_command
 from worker.cli.notification_commands import add_notification_commands
 from worker.cli.prune_command import add_prune_command
+from worker.cli.realtime_command import add_realtime_command
 from worker.cli.task_commands import CommandError, add_task_commands
 from worker.config import Settings
 from worker.db import ConfigurationError
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_notification_commands(commands, _with_database)
     add_prune_command(commands, _with_database)
     add_hosts_command(commands, _with_database)
+    add_realtime_command(commands, _with_database)
     return parser
 
 
