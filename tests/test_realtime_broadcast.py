@@ -84,6 +84,16 @@ def test_each_visible_change_is_one_message_on_its_owners_topic(supabase, api) -
         ("UPDATE", "in_progress", 10), ("UPDATE", "completed", 100)]
 
 
+def test_a_result_too_large_for_a_message_is_left_for_get_task_status(supabase) -> None:
+    _set_mode(supabase, "broadcast")
+    task_id = create_task(supabase)["task_id"]
+    _poll(supabase, task_id, status="completed", result={"rows": ["x" * 1000] * 300})
+    done = _messages(supabase)[-1]["payload"]
+    assert done["status"] == "completed" and done["result_omitted"] is True
+    assert "result" not in done
+    assert len(task_row(supabase, task_id)["result"]["rows"]) == 300
+
+
 def test_only_the_owner_may_receive_its_topic(supabase, api) -> None:
     _set_mode(supabase, "broadcast")
     api.rpc("authenticated", "create_task", USER_A, poll_url="https://api.example.com/jobs/1")

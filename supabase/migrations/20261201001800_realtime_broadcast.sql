@@ -11,15 +11,20 @@
 -- nothing either way. realtime.send never raises (it turns a failure into a warning), so
 -- a broadcast that cannot be sent never fails the worker's batch.
 
+-- Realtime drops a Broadcast message over its payload limit (256 KB on the smallest
+-- plans): a larger task is sent without its result, marked result_omitted, and the
+-- client reads the result with get_task_status.
 create function taskman_private.broadcast_task_changes()
 returns trigger
 language plpgsql volatile security definer
 set search_path = ''
 as $$
 begin
-  perform realtime.send(taskman.task_json(t), tg_op,
-                        'taskman:tasks:' || coalesce(t.user_id::text, 'service'), true)
-  from changed_tasks t;
+  perform realtime.send(
+    case when octet_length(j.task::text) > 250000
+         then (j.task - 'result') || '{"result_omitted": true}' else j.task end,
+    tg_op, 'taskman:tasks:' || coalesce(j.user_id::text, 'service'), true)
+  from (select taskman.task_json(t) as task, t.user_id from changed_tasks t) j;
   return null;
 end
 $$;
