@@ -33,7 +33,7 @@ revoke all on function taskman_private.broadcast_task_changes() from public, ano
 
 create function taskman.realtime_mode()
 returns text
-language sql stable security definer
+language sql stable security invoker
 set search_path = ''
 as $$
   select case
