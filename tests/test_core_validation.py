@@ -6,6 +6,8 @@ import json
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.factories import USER_A
 
@@ -148,3 +150,38 @@ def test_expressions_within_the_bounds_and_valid_headers_are_accepted(conn) -> N
     stored = conn.execute("select poll_headers from taskman_private.task_private"
                           " where task_id = %s", (task["task_id"],)).fetchone()
     assert stored["poll_headers"] == headers
+
+
+# is_http_url as first written (one pattern, the host's labels walked); the function
+# now takes a shorter road for plain URLs and must give the same answer for any URL.
+REFERENCE_URL_CHECK = r"""
+select %(u)s ~* '^https?://[^\s/?#@]+(:[0-9]{1,5})?([/?#][^\s]*)?$'
+   and length(%(u)s) <= 2048
+   and (select case when h ~ '^\[[0-9A-Fa-f:.]+\]$' then true
+               else length(h) <= 254 and not exists (
+                 select 1 from unnest(string_to_array(
+                   case when h ~ '[^.]\.$' then left(h, -1) else h end, '.')) as label
+                 where length(label) not between 1 and 63) end
+        from (select substring(%(u)s from '^[A-Za-z]+://(\[[^]]*\]|[^/?#:]+)') as h) x)
+   and coalesce(substring(%(u)s from '^[A-Za-z]+://(?:\[[^]]*\]|[^/?#:]+):([0-9]+)')::integer,
+                0) <= 65535 as ok
+"""
+URLS = st.tuples(
+    st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "https:/"]),
+    st.sampled_from(["", "u@"]),
+    st.one_of(st.sampled_from(["api.example.com", "a", "[::1]", "a-b.c.", "a..b", ".a", "a.",
+                               ".", "", "x_y", "1.2.3.4", "a" * 63 + ".b", "a" * 64 + ".b",
+                               "ab." * 85, "a." * 127]),
+              st.text(alphabet="ab9.-_[]:", max_size=70)),
+    st.sampled_from(["", ":", ":80", ":0080", ":65535", ":65536", ":123456", ":x"]),
+    st.sampled_from(["", "/", "/x?y#z", "?q", "#f", "/a b", "/@x", "x", "/" + "p" * 2040]))
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(pieces=URLS)
+def test_url_check_gives_the_reference_answer_for_any_url(module_conn, pieces) -> None:
+    url = "".join(pieces)
+    expected = module_conn.execute(REFERENCE_URL_CHECK, {"u": url}).fetchone()["ok"]
+    got = module_conn.execute("select taskman_private.is_http_url(%s) as ok", (url,)).fetchone()
+    assert got["ok"] == expected

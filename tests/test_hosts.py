@@ -10,6 +10,8 @@ from collections import Counter
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
 from tests.factories import create_task, events, schedule_row, task_row
@@ -57,6 +59,27 @@ def statuses(conn: psycopg.Connection, ids: list[str]) -> Counter:
 def test_python_and_sql_derive_the_same_host_key(conn, url, key) -> None:
     assert host_key(url) == key
     assert conn.execute("select taskman_private.host_key(%s) as k", (url,)).fetchone()["k"] == key
+
+
+URL_PIECES = st.tuples(
+    st.sampled_from(["http", "https", "HTTPS", "ftp", "h+1", "1x"]),
+    st.sampled_from(["://", ":/", "//"]),
+    st.sampled_from(["", "u@", "u:p@", "@", "a@b@"]),
+    st.one_of(st.sampled_from(["api.example.com", "API.Example.COM", "[::1]", "[::1", "a..b",
+                               "", "x_y", "127.0.0.1", "h"]),
+              st.text(alphabet="aZ09.-_:[]@%", max_size=12)),
+    st.sampled_from(["", ":", ":80", ":0080", ":65536", ":1234567890", ":x", ":8443"]),
+    st.sampled_from(["", "/", "/x?y#z", "?q", "#f", "/a b", "/@x", "x", ":9/"]))
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(pieces=URL_PIECES)
+def test_sql_host_keys_match_the_python_ones_for_any_url(module_conn, pieces) -> None:
+    """The SQL function splits plain URLs without its regular expression; both agree."""
+    url = "".join(pieces)
+    sql = module_conn.execute("select taskman_private.host_key(%s) as k", (url,)).fetchone()["k"]
+    assert sql == host_key(url)
 
 
 def test_rate_limit_setting_names_hosts_like_poll_urls() -> None:

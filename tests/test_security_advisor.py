@@ -57,8 +57,9 @@ def test_every_foreign_key_is_covered_by_an_index(conn) -> None:
 def test_private_functions_run_only_for_the_roles_their_wrappers_serve(conn) -> None:
     """The API roles may execute in taskman_private only what the RPCs in taskman call:
     the definer implementations, the figures behind task_stats, the user check, the
-    live poll figures task_json reads and the host overview (which check ownership
-    themselves)."""
+    live poll figures task_json reads, the host overview (which check ownership
+    themselves) and the value checks of the tasks' and events' CHECK constraints (pure
+    predicates, evaluated as the user who writes the row)."""
     rows = conn.execute(
         "select p.proname, has_function_privilege('anon', p.oid, 'execute') as anon,"
         " has_function_privilege('authenticated', p.oid, 'execute') as authenticated"
@@ -70,4 +71,5 @@ def test_private_functions_run_only_for_the_roles_their_wrappers_serve(conn) -> 
     assert grants == {"create_task": user, "get_task_status": user, "cancel_task": user,
                       "retry_task": user, "task_stats": user, "update_task": (True, True),
                       "callback_profile": (True, True), "require_user": (True, True),
-                      "poll_state": user, "host_status": user}
+                      "poll_state": user, "host_status": user, "is_task_status": user,
+                      "is_error_code": user, "is_event_type": user}
