@@ -3,7 +3,10 @@ the catalog, over the schemas PostgREST exposes (public and taskman) and Taskman
 
 from __future__ import annotations
 
+import psycopg
 import pytest
+
+from tests.factories import create_task
 
 EXPOSED = "('public'::regnamespace, 'taskman'::regnamespace)"
 TASKMAN = "('taskman'::regnamespace, 'taskman_private'::regnamespace)"
@@ -59,7 +62,7 @@ def test_private_functions_run_only_for_the_roles_their_wrappers_serve(conn) -> 
     the definer implementations, the figures behind task_stats, the user check, the
     live poll figures task_json reads, the host overview (which check ownership
     themselves) and the value checks of the tasks' and events' CHECK constraints (pure
-    predicates, evaluated as the user who writes the row)."""
+    predicates, evaluated as whoever writes the row, so executable by every role)."""
     rows = conn.execute(
         "select p.proname, has_function_privilege('anon', p.oid, 'execute') as anon,"
         " has_function_privilege('authenticated', p.oid, 'execute') as authenticated"
@@ -71,5 +74,21 @@ def test_private_functions_run_only_for_the_roles_their_wrappers_serve(conn) -> 
     assert grants == {"create_task": user, "get_task_status": user, "cancel_task": user,
                       "retry_task": user, "task_stats": user, "update_task": (True, True),
                       "callback_profile": (True, True), "require_user": (True, True),
-                      "poll_state": user, "host_status": user, "is_task_status": user,
-                      "is_error_code": user, "is_event_type": user}
+                      "poll_state": user, "host_status": user, "is_task_status": (True, True),
+                      "is_error_code": (True, True), "is_event_type": (True, True)}
+
+
+def test_a_role_of_its_own_can_write_tasks_through_their_checks(conn) -> None:
+    """A worker or operator login that is neither service_role nor the owner still passes
+    the CHECK constraints (their predicates run as whoever writes the row)."""
+    task_id = create_task(conn)["task_id"]
+    with conn.transaction(force_rollback=True):  # roles are the cluster's: leave none behind
+        conn.execute("create role taskman_ops bypassrls")
+        conn.execute("grant usage on schema taskman, taskman_private, auth to taskman_ops")
+        conn.execute("grant select, update on taskman.tasks to taskman_ops")
+        conn.execute("set local role taskman_ops")
+        updated = conn.execute("update taskman.tasks set status = 'in_progress'"
+                               " where task_id = %s returning status", (task_id,)).fetchall()
+        assert updated == [{"status": "in_progress"}]
+        with pytest.raises(psycopg.errors.CheckViolation), conn.transaction():
+            conn.execute("update taskman.tasks set error_code = 'nonsense'")

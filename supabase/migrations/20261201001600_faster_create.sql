@@ -494,11 +494,10 @@ begin
 end
 $$;
 
--- Whoever writes the rows evaluates their checks (anon writes only through definer functions).
-revoke all on function taskman_private.is_task_status(text), taskman_private.is_error_code(text),
-  taskman_private.is_event_type(text) from public;
+-- Whoever writes the rows evaluates their checks, whatever its role (a worker's own login,
+-- the dashboard's SQL editor): these pure predicates stay executable by everyone.
 grant execute on function taskman_private.is_task_status(text), taskman_private.is_error_code(text),
-  taskman_private.is_event_type(text) to authenticated, service_role;
+  taskman_private.is_event_type(text) to public;
 
 alter table taskman.tasks
   drop constraint tasks_status_check,
