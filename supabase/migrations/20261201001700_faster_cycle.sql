@@ -148,6 +148,7 @@ declare
   quiet_ids uuid[];
   quiet_statuses text[];
   loud_ids uuid[];
+  changing_ids uuid[];
 begin
   if jsonb_typeof(results) is distinct from 'array' then
     perform taskman_private.reject('results', 'must be a JSON array of poll outcomes');
@@ -195,14 +196,23 @@ begin
                     and (o.progress is null or o.progress is not distinct from t.progress)
                     and (o.progress_message is null
                          or o.progress_message is not distinct from t.progress_message),
-                    false) as quiet
+                    false) as quiet,
+           -- Whether the public row may change (then it is locked before it is read).
+           coalesce(o.status is distinct from null and o.status <> t.status
+                    or o.result is not null and o.result is distinct from t.result
+                    or o.progress is not null and o.progress is distinct from t.progress
+                    or o.progress_message is not null
+                       and o.progress_message is distinct from t.progress_message
+                    or not o.ok and s.error_count + 1 >= t.max_attempts
+                    or o.is_submit and o.ok
+                    or t.deadline_at <= now(), true) as changing
     from outcome o
     cross join lateral (
-      select 1 from taskman_private.task_schedule s
+      select s.error_count from taskman_private.task_schedule s
       where s.task_id = o.task_id and s.lease_owner = o.worker_id offset 0
     ) s
     cross join lateral (
-      select t.status, t.result, t.progress, t.progress_message, t.deadline_at
+      select t.status, t.result, t.progress, t.progress_message, t.deadline_at, t.max_attempts
       from taskman.tasks t
       where t.task_id = o.task_id and t.status in ('pending', 'in_progress') offset 0
     ) t
@@ -224,8 +234,10 @@ begin
   )
   select (select array_agg(m.task_id) from moved m),
          (select array_agg(m.old_status) from moved m),
-         (select array_agg(r.task_id) from read r where not r.quiet)
-  into quiet_ids, quiet_statuses, loud_ids;
+         (select array_agg(r.task_id) from read r where not r.quiet),
+         (select array_agg(r.task_id order by r.task_id) from read r
+          where not r.quiet and r.changing)
+  into quiet_ids, quiet_statuses, loud_ids, changing_ids;
 
   if quiet_ids is not null then
     return query select q.task_id, q.status from unnest(quiet_ids, quiet_statuses) as q(task_id, status);
@@ -234,27 +246,12 @@ begin
     return;
   end if;
 
-  -- The others: public rows about to change are locked first, in task_id order, as
+  -- The others: public rows that may change are locked first, in task_id order, as
   -- every other writer of a task does (the row, then its schedule).
-  perform 1
-  from jsonb_to_recordset(results) as r(task_id uuid, worker_id text, ok boolean, status text,
-                                        result jsonb, progress integer, progress_message text,
-                                        submitted boolean)
-  join taskman_private.task_schedule s on s.task_id = r.task_id
-  join taskman.tasks t on t.task_id = r.task_id
-  where s.task_id = any(loud_ids) and t.task_id = any(loud_ids) and r.task_id = any(loud_ids)
-    and s.lease_owner = r.worker_id
-    and t.status in ('pending', 'in_progress')
-    and (r.status is distinct from null and r.status <> t.status
-         or r.result is not null and r.result is distinct from t.result
-         or r.progress is not null and least(greatest(r.progress, 0), 100) is distinct from t.progress
-         or r.progress_message is not null
-            and left(r.progress_message, 1000) is distinct from t.progress_message
-         or not coalesce(r.ok, false) and s.error_count + 1 >= t.max_attempts
-         or coalesce(r.submitted, false) and coalesce(r.ok, false)
-         or t.deadline_at <= now())
+  perform 1 from taskman.tasks t
+  where t.task_id = any(changing_ids) and t.status in ('pending', 'in_progress')
   order by t.task_id
-  for update of t;
+  for update;
 
   -- This statement writes the public rows as their triggers would have (see the top).
   perform pg_catalog.set_config('taskman.poll_writer', 'on', true);
