@@ -174,14 +174,19 @@ begin
   -- progress message), not a submit, deadline not passed. Their schedule rows move
   -- (counters, next poll, lease, sign of life); nothing else is written. The lease
   -- is checked where the row is written (as of its latest version, if a sweep or a
-  -- cancel changed it since the snapshot).
+  -- cancel changed it since the snapshot). The others (loud) take the full path below;
+  -- of them, those whose public row may change are locked first.
   with outcome as (
     select r.task_id, r.worker_id, coalesce(r.ok, false) as ok, r.status, r.result,
            least(greatest(r.progress, 0), 100) as progress,
            left(r.progress_message, 1000) as progress_message,
            coalesce(r.submitted, false) as is_submit,
            greatest(coalesce(r.delay_seconds, 0), 0) as delay_seconds,
-           r.http_status, r.latency_ms
+           r.http_status, r.latency_ms,
+           -- An end or a submit that worked changes the row whatever it held.
+           coalesce(coalesce(r.ok, false) and (r.status in ('completed', 'failed')
+                                               or coalesce(r.submitted, false)),
+                    false) as surely_changing
     from jsonb_to_recordset(results) as r(
       task_id uuid, worker_id text, ok boolean, status text, result jsonb, progress integer,
       progress_message text, submitted boolean, delay_seconds double precision,
@@ -216,6 +221,7 @@ begin
       from taskman.tasks t
       where t.task_id = o.task_id and t.status in ('pending', 'in_progress') offset 0
     ) t
+    where not o.surely_changing
   ),
   moved as (
     update taskman_private.task_schedule s
@@ -234,9 +240,10 @@ begin
   )
   select (select array_agg(m.task_id) from moved m),
          (select array_agg(m.old_status) from moved m),
-         (select array_agg(r.task_id) from read r where not r.quiet),
-         (select array_agg(r.task_id order by r.task_id) from read r
-          where not r.quiet and r.changing)
+         (select array_agg(r.task_id) from read r where not r.quiet)
+           || (select array_agg(o.task_id) from outcome o where o.surely_changing),
+         (select array_agg(r.task_id) from read r where not r.quiet and r.changing)
+           || (select array_agg(o.task_id) from outcome o where o.surely_changing)
   into quiet_ids, quiet_statuses, loud_ids, changing_ids;
 
   if quiet_ids is not null then
