@@ -14,25 +14,29 @@
 --   (tasks_after_status_change) and the NOTIFY of every visible change (both
 --   after-triggers). While it writes, the transaction-local setting
 --   taskman.poll_writer is 'on' and those four triggers do not fire (their WHEN
---   conditions); every other writer of taskman.tasks goes through them as before.
+--   conditions); every other writer of taskman.tasks goes through them as before,
+--   and so does a client's own write (as anon or authenticated) whatever it sets.
 --   A poll that said something keeps its raw answer service-side as before; a row
 --   of task_private is no longer made just to hold an empty one.
 
 -- The row triggers that record_poll_results does the work of, while it writes.
 drop trigger tasks_prepare_update on taskman.tasks;
 create trigger tasks_prepare_update before update on taskman.tasks
-  for each row when (current_setting('taskman.poll_writer', true) is distinct from 'on')
+  for each row when (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                     or current_user in ('anon', 'authenticated'))
   execute function taskman_private.tasks_prepare_update();
 
 drop trigger tasks_prepare_update_submit on taskman.tasks;
 create trigger tasks_prepare_update_submit before update on taskman.tasks
-  for each row when (current_setting('taskman.poll_writer', true) is distinct from 'on')
+  for each row when (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                     or current_user in ('anon', 'authenticated'))
   execute function taskman_private.tasks_prepare_update_submit();
 
 drop trigger tasks_after_status_change on taskman.tasks;
 create trigger tasks_after_status_change after update of status on taskman.tasks
   for each row when (old.status is distinct from new.status
-                     and current_setting('taskman.poll_writer', true) is distinct from 'on')
+                     and (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                          or current_user in ('anon', 'authenticated')))
   execute function taskman_private.tasks_after_status_change();
 
 drop trigger tasks_after_progress_change on taskman.tasks;
@@ -41,7 +45,8 @@ create trigger tasks_after_progress_change after update of progress, progress_me
   for each row when (old.status is not distinct from new.status
                      and (old.progress, old.progress_message)
                          is distinct from (new.progress, new.progress_message)
-                     and current_setting('taskman.poll_writer', true) is distinct from 'on')
+                     and (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                          or current_user in ('anon', 'authenticated')))
   execute function taskman_private.tasks_after_progress_change();
 
 create or replace function taskman.claim_due_tasks(worker_id text, batch_size integer default 100,
