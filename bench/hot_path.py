@@ -2,9 +2,10 @@
 
 (a) steady no-change polls/s: Taskman's claim + record (batches of 100, every task
     "still running", due again at once) against a bare SKIP LOCKED table doing the
-    same claim-and-reschedule loop;
+    same claim-and-reschedule loop, in turns of half a second (same load for both);
 (b) drain of 20k tasks completing on their first poll: Taskman, pgqueuer's no-op drain
-    (its own dequeue and log_jobs statements, batches of 100) and the bare loop;
+    (its own dequeue and log_jobs statements, batches of 100) and the bare loop, in
+    turns of 10 batches;
 (c) create_task one call at a time against pgqueuer's enqueue one job at a time;
 (d) WAL bytes per no-change poll, Taskman and bare.
 
@@ -18,6 +19,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
@@ -50,26 +52,81 @@ def _bare_cycle(conn: psycopg.Connection, finish: bool) -> int:
     return len(ids)
 
 
-def _steady(conn: psycopg.Connection, cycle, seconds: float) -> tuple[float, float]:
-    """Polls/s and WAL bytes per poll over `seconds` of `cycle`."""
-    polls, wal, started = 0, _wal(conn), time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        polls += cycle()
-    elapsed = time.perf_counter() - started
-    return polls / elapsed, (_wal(conn) - wal) / max(polls, 1)
+def _steady(conn: psycopg.Connection, cycles: dict[str, Callable[[], int]], seconds: float,
+            slices: int = 10) -> dict[str, tuple[float, float]]:
+    """Polls/s and WAL bytes per poll of each cycle over `seconds` each, taken in turns
+    of `seconds / slices` (on a shared machine, both then see the same load)."""
+    polls = dict.fromkeys(cycles, 0)
+    wal = dict.fromkeys(cycles, 0)
+    elapsed = dict.fromkeys(cycles, 0.0)
+    for _ in range(slices):
+        for name, cycle in cycles.items():
+            wal_before, started = _wal(conn), time.perf_counter()
+            while time.perf_counter() - started < seconds / slices:
+                polls[name] += cycle()
+            elapsed[name] += time.perf_counter() - started
+            wal[name] += _wal(conn) - wal_before
+    return {name: (polls[name] / elapsed[name], wal[name] / max(polls[name], 1))
+            for name in cycles}
 
 
-def _drain(conn: psycopg.Connection, cycle) -> float:
-    done, started = 0, time.perf_counter()
-    while n := cycle():
-        done += n
-    return done / (time.perf_counter() - started)
+def _drains(cycles: dict[str, Callable[[], int]], batches: int = 10) -> dict[str, float]:
+    """Tasks/s of each drain, the drains taking turns of `batches` batches until all are
+    empty (on a shared machine, all then see the same load)."""
+    done = dict.fromkeys(cycles, 0)
+    elapsed = dict.fromkeys(cycles, 0.0)
+    left = set(cycles)
+    while left:
+        for name in sorted(left):
+            started = time.perf_counter()
+            for _ in range(batches):
+                if not (n := cycles[name]()):
+                    left.discard(name)
+                    break
+                done[name] += n
+            elapsed[name] += time.perf_counter() - started
+    return {name: done[name] / elapsed[name] for name in cycles}
 
 
-async def _pgqueuer(url: str, drain: int, creates: int) -> tuple[float, float]:
-    """(drain jobs/s, enqueue jobs/s) for pgqueuer on its own database."""
+class _PgqueuerDrain:
+    """pgqueuer's no-op drain on its own database (its dequeue and log_jobs statements),
+    one batch a call."""
+
+    def __init__(self, url: str, jobs: int) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._open(url, jobs))
+
+    async def _open(self, url: str, jobs: int) -> None:
+        from pgqueuer.db import PsycopgDriver
+        from pgqueuer.queries import EntrypointExecutionParameter, Queries
+
+        self._conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        self._pq = Queries(PsycopgDriver(self._conn))
+        for start in range(0, jobs, 1000):
+            n = min(1000, jobs - start)
+            await self._pq.enqueue(["noop"] * n, [None] * n, [0] * n)
+        self._entrypoints = {"noop": EntrypointExecutionParameter(concurrency_limit=0)}
+        self._manager = uuid.uuid4()
+
+    async def _batch(self) -> int:
+        jobs = await self._pq.dequeue(BATCH, self._entrypoints, self._manager, None,
+                                      timedelta(seconds=30))
+        if jobs:
+            await self._pq.log_jobs([(job, "successful", None) for job in jobs])
+        return len(jobs)
+
+    def cycle(self) -> int:
+        return self._loop.run_until_complete(self._batch())
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
+
+
+async def _pgqueuer(url: str, creates: int) -> float:
+    """Enqueue jobs/s for pgqueuer on its own database (installed here)."""
     from pgqueuer.db import PsycopgDriver
-    from pgqueuer.queries import EntrypointExecutionParameter, Queries
+    from pgqueuer.queries import Queries
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         pq = Queries(PsycopgDriver(conn))
@@ -81,19 +138,7 @@ async def _pgqueuer(url: str, drain: int, creates: int) -> tuple[float, float]:
             await pq.enqueue("noop", str(i).encode())
         enqueue_rate = creates / (time.perf_counter() - started)
         await pq.clear_queue()
-
-        for start in range(0, drain, 1000):
-            n = min(1000, drain - start)
-            await pq.enqueue(["noop"] * n, [None] * n, [0] * n)
-        entrypoints = {"noop": EntrypointExecutionParameter(concurrency_limit=0)}
-        manager = uuid.uuid4()
-        done, started = 0, time.perf_counter()
-        while jobs := await pq.dequeue(BATCH, entrypoints, manager, None,
-                                       timedelta(seconds=30)):
-            await pq.log_jobs([(job, "successful", None) for job in jobs])
-            done += len(jobs)
-        drain_rate = done / (time.perf_counter() - started)
-    return drain_rate, enqueue_rate
+    return enqueue_rate
 
 
 def _create_rate(conn: psycopg.Connection, count: int) -> float:
@@ -128,9 +173,9 @@ def main() -> None:
         conn.execute("update taskman_private.task_schedule set next_poll_at = now()"
                      " where next_poll_at is not null")
         conn.execute("vacuum analyze")
-        taskman_rate, taskman_wal = _steady(conn, lambda: _taskman_cycle(conn, "in_progress"),
-                                            args.seconds)
-        bare_rate, bare_wal = _steady(conn, lambda: _bare_cycle(conn, False), args.seconds)
+        steady = _steady(conn, {"taskman": lambda: _taskman_cycle(conn, "in_progress"),
+                                "bare": lambda: _bare_cycle(conn, False)}, args.seconds)
+        (taskman_rate, taskman_wal), (bare_rate, bare_wal) = steady["taskman"], steady["bare"]
 
         # (b): drain.
         conn.execute(q["delete_tasks"])
@@ -139,10 +184,16 @@ def main() -> None:
                                              "count": args.drain})
         conn.execute(q["bare_fill"], {"count": args.drain})
         conn.execute("vacuum analyze")
-        taskman_drain = _drain(conn, lambda: _taskman_cycle(conn, "completed"))
-        bare_drain = _drain(conn, lambda: _bare_cycle(conn, True))
-        pgq_drain, pgq_enqueue = asyncio.run(
-            _pgqueuer(urls["bench_pgqueuer"], args.drain, args.creates))
+        pgq_enqueue = asyncio.run(_pgqueuer(urls["bench_pgqueuer"], args.creates))
+        pgqueuer = _PgqueuerDrain(urls["bench_pgqueuer"], args.drain)
+        try:
+            drains = _drains({"taskman": lambda: _taskman_cycle(conn, "completed"),
+                              "pgqueuer": pgqueuer.cycle,
+                              "bare": lambda: _bare_cycle(conn, True)})
+        finally:
+            pgqueuer.close()
+        taskman_drain, pgq_drain, bare_drain = (drains["taskman"], drains["pgqueuer"],
+                                                drains["bare"])
         with psycopg.connect(urls["bench_create"], autocommit=True) as create_conn:
             create_rate = _create_rate(create_conn, args.creates)
 

@@ -129,6 +129,30 @@ def test_record_poll_results_moves_tasks_and_writes_events_in_one_call(conn) -> 
     assert [e["event_type"] for e in events(conn, done)] == ["created", "polled", "status_changed"]
 
 
+def test_writes_after_a_record_in_its_transaction_go_through_the_task_triggers(conn) -> None:
+    # record_poll_results does its own rows' trigger work while it writes; a later write
+    # in the same transaction (here a cancel) is checked and recorded as usual.
+    polled, other = (create_task(conn)["task_id"] for _ in range(2))
+    _claim(conn)
+    with conn.transaction():
+        _record(conn, {"task_id": polled, "worker_id": "w1", "ok": True, "status": "completed"})
+        conn.execute("update taskman.tasks set status = 'cancelled' where task_id = %s",
+                     (other,))
+        with pytest.raises(psycopg.Error, match="cannot move from completed to pending"), \
+                conn.transaction():
+            conn.execute("update taskman.tasks set status = 'pending' where task_id = %s",
+                         (polled,))
+    assert [e["event_type"] for e in events(conn, other)] == ["created", "cancelled"]
+    assert task_row(conn, other)["completed_at"] is not None
+    assert schedule_row(conn, other)["next_poll_at"] is None
+    assert schedule_row(conn, other)["lease_owner"] is None
+    done = task_row(conn, polled)
+    assert (done["status"], done["progress"]) == ("completed", 100)
+    assert done["completed_at"] is not None and done["updated_at"] == done["completed_at"]
+    changed = [e for e in events(conn, polled) if e["event_type"] == "status_changed"]
+    assert [(e["from_status"], e["to_status"]) for e in changed] == [("pending", "completed")]
+
+
 def test_errors_count_consecutively_and_fail_the_task_at_max_attempts(conn) -> None:
     task_id = create_task(conn, max_attempts=3)["task_id"]
     for attempt in range(1, 4):

@@ -303,3 +303,22 @@ class TestRoleClaims:
             cur.execute("select taskman.get_task_status(%s) as s", (task["task_id"],))
             assert cur.fetchone()["s"]["status"] == "pending"
 
+
+
+def test_a_client_setting_the_poll_writer_flag_still_goes_through_the_checks(api, conn) -> None:
+    # record_poll_results marks its own writes with taskman.poll_writer; a signed-in
+    # client that sets it on its session's write is checked and recorded as any other.
+    task = api.rpc("authenticated", "create_task", USER_A, poll_url="https://api.example.com/s")
+    before = task_row(conn, task["task_id"])
+
+    def write(metadata: str) -> None:
+        with api.request("authenticated", USER_A) as cur:
+            cur.execute("select set_config('taskman.poll_writer', 'on', true)")
+            cur.execute("update taskman.tasks set metadata = %s::jsonb where task_id = %s",
+                        (metadata, task["task_id"]))
+
+    assert _sqlstate(lambda: write("[1, 2]")) == "22023"
+    assert task_row(conn, task["task_id"]) == before
+    write('{"note": "kept"}')
+    after = task_row(conn, task["task_id"])
+    assert after["metadata"] == {"note": "kept"} and after["updated_at"] > before["updated_at"]

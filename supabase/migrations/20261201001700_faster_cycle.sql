@@ -1,0 +1,476 @@
+-- A cheaper claim-and-record cycle (same arguments, results and rules).
+--
+-- - claim_due_tasks reads each claimed task's row and private row by key (the join
+--   read every row of both tables for a batch of 100), looks up each distinct
+--   response profile of the batch once (it ran a query per task), and keeps one plan
+--   (it was planned anew each call).
+-- - record_poll_results reads its outcomes once and writes a poll with no news
+--   (worked, same status, no new result or progress, deadline not passed) in one
+--   statement that moves its schedule row only. Only a batch with something to
+--   show takes the full path: public rows locked in task_id order, then one
+--   statement. On that path the function is the writer of the public row and does
+--   what the row's triggers did, set-based: the transition's columns
+--   (tasks_prepare_update), the `status_changed` event after the poll's own
+--   (tasks_after_status_change) and the NOTIFY of every visible change (both
+--   after-triggers). While it writes, the transaction-local setting
+--   taskman.poll_writer is 'on' and those four triggers do not fire (their WHEN
+--   conditions); every other writer of taskman.tasks goes through them as before,
+--   and so does a client's own write (as anon or authenticated) whatever it sets.
+--   A poll that said something keeps its raw answer service-side as before; a row
+--   of task_private is no longer made just to hold an empty one.
+
+-- The row triggers that record_poll_results does the work of, while it writes.
+drop trigger tasks_prepare_update on taskman.tasks;
+create trigger tasks_prepare_update before update on taskman.tasks
+  for each row when (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                     or current_user in ('anon', 'authenticated'))
+  execute function taskman_private.tasks_prepare_update();
+
+drop trigger tasks_prepare_update_submit on taskman.tasks;
+create trigger tasks_prepare_update_submit before update on taskman.tasks
+  for each row when (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                     or current_user in ('anon', 'authenticated'))
+  execute function taskman_private.tasks_prepare_update_submit();
+
+drop trigger tasks_after_status_change on taskman.tasks;
+create trigger tasks_after_status_change after update of status on taskman.tasks
+  for each row when (old.status is distinct from new.status
+                     and (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                          or current_user in ('anon', 'authenticated')))
+  execute function taskman_private.tasks_after_status_change();
+
+drop trigger tasks_after_progress_change on taskman.tasks;
+create trigger tasks_after_progress_change after update of progress, progress_message
+  on taskman.tasks
+  for each row when (old.status is not distinct from new.status
+                     and (old.progress, old.progress_message)
+                         is distinct from (new.progress, new.progress_message)
+                     and (current_setting('taskman.poll_writer', true) is distinct from 'on'
+                          or current_user in ('anon', 'authenticated')))
+  execute function taskman_private.tasks_after_progress_change();
+
+create or replace function taskman.claim_due_tasks(worker_id text, batch_size integer default 100,
+                                                  lease_seconds integer default 60)
+returns table (
+  task_id uuid, poll_url text, poll_method text, poll_headers jsonb, poll_body jsonb,
+  profile jsonb, task_type text, status text, attempt_count integer, error_count integer,
+  max_attempts integer, poll_interval_seconds integer, deadline_at timestamptz,
+  lease_expires_at timestamptz, submit_url text, submit_method text, submit_headers jsonb,
+  submit_body jsonb, callback_token text)
+language plpgsql volatile security definer
+set search_path = ''
+-- The claim's plan does not depend on its arguments; planning it anew each call (as
+-- PL/pgSQL chose to) took about a third of the claim.
+set plan_cache_mode = force_generic_plan
+as $$
+begin
+  perform taskman_private.check_claim(worker_id, batch_size, lease_seconds);
+
+  return query
+  with recursive levels as (
+    (select s.priority from taskman_private.task_schedule s
+     where s.next_poll_at is not null
+     order by s.priority desc limit 1)
+    union all
+    select (select s.priority from taskman_private.task_schedule s
+            where s.next_poll_at is not null and s.priority < l.priority
+            order by s.priority desc limit 1)
+    from levels l
+    where l.priority is not null
+  ),
+  due as (
+    -- SKIP LOCKED lets concurrent workers take disjoint batches without waiting on
+    -- each other. A finished task has no next_poll_at, so only live tasks are found.
+    select d.task_id
+    from levels l
+    cross join lateral (
+      select s.task_id
+      from taskman_private.task_schedule s
+      where s.priority = l.priority and s.next_poll_at <= now()
+      order by s.next_poll_at
+      limit claim_due_tasks.batch_size
+      for update skip locked
+    ) d
+    where l.priority is not null
+    limit claim_due_tasks.batch_size
+  ),
+  claimed as (
+    -- By key (= ANY of the batch): a join with `due` read the whole schedule.
+    update taskman_private.task_schedule s
+    set lease_owner = claim_due_tasks.worker_id,
+        lease_expires_at = now() + make_interval(secs => claim_due_tasks.lease_seconds),
+        next_poll_at = now() + make_interval(secs => claim_due_tasks.lease_seconds)
+    where s.task_id = any(array(select due.task_id from due))
+    returning s.task_id, s.attempt_count, s.error_count, s.lease_expires_at
+  ),
+  rows as (
+    -- Each task's rows by key (OFFSET 0 keeps the lookups per claimed task).
+    select c.task_id, c.attempt_count, c.error_count, c.lease_expires_at, t.*, p.*
+    from claimed c
+    cross join lateral (
+      select t.poll_url, t.poll_method, t.poll_body, t.task_type, t.poll_config, t.status,
+             t.max_attempts, t.poll_interval_seconds, t.deadline_at, t.submitted_at,
+             t.submit_url, t.submit_method, t.submit_body
+      from taskman.tasks t where t.task_id = c.task_id offset 0
+    ) t
+    left join lateral (
+      select p.poll_headers, p.submit_headers, p.submit_callback_token
+      from taskman_private.task_private p where p.task_id = c.task_id offset 0
+    ) p on true
+  ),
+  profiles as materialized (
+    -- One lookup a distinct (task_type, poll_config) of the batch.
+    select k.task_type, k.poll_config,
+           taskman_private.effective_profile(k.task_type, k.poll_config) as profile
+    from (select distinct r.task_type, r.poll_config from rows r) k
+  )
+  select r.task_id, r.poll_url, r.poll_method, coalesce(r.poll_headers, '{}'::jsonb), r.poll_body,
+         f.profile, r.task_type, r.status,
+         r.attempt_count, r.error_count, r.max_attempts, r.poll_interval_seconds, r.deadline_at,
+         r.lease_expires_at,
+         case when r.submitted_at is null then r.submit_url end,
+         r.submit_method,
+         case when r.submitted_at is null and r.submit_url is not null
+              then coalesce(r.submit_headers, '{}'::jsonb) end,
+         case when r.submitted_at is null then r.submit_body end,
+         case when r.submitted_at is null then r.submit_callback_token end
+  from rows r
+  join profiles f on f.task_type = r.task_type and f.poll_config = r.poll_config
+  order by r.task_id;
+end
+$$;
+
+-- Writes a batch of poll and submit outcomes (the same elements, checks, rules and
+-- result as in 20261201001100_submit_heartbeat_priority.sql).
+create or replace function taskman.record_poll_results(results jsonb)
+returns table (task_id uuid, status text)
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  invalid boolean;
+  oversized boolean;
+  quiet_ids uuid[];
+  quiet_statuses text[];
+  loud_ids uuid[];
+  changing_ids uuid[];
+begin
+  if jsonb_typeof(results) is distinct from 'array' then
+    perform taskman_private.reject('results', 'must be a JSON array of poll outcomes');
+  end if;
+  select coalesce(bool_or(r.task_id is null or r.worker_id is null
+                          or r.status not in ('in_progress', 'completed', 'failed')
+                          or r.error_code not in ('remote_failed', 'poll_error',
+                                                  'invalid_response', 'submit_failed')), false),
+         coalesce(bool_or(r.result is not null and octet_length(r.result::text) > 1048576), false)
+  into invalid, oversized
+  from jsonb_to_recordset(results) as r(task_id uuid, worker_id text, status text,
+                                        error_code text, result jsonb);
+  if invalid then
+    perform taskman_private.reject('results',
+      'each outcome needs task_id and worker_id; status must be in_progress, completed or failed; '
+      'error_code must be remote_failed, poll_error, invalid_response or submit_failed');
+  end if;
+  if oversized then
+    perform taskman_private.reject('result', 'must be at most 1 MiB of JSON');
+  end if;
+
+  -- Polls with no news: worked, nothing new for the owner (status, result, progress,
+  -- progress message), not a submit, deadline not passed. Their schedule rows move
+  -- (counters, next poll, lease, sign of life); nothing else is written. The lease
+  -- is checked where the row is written (as of its latest version, if a sweep or a
+  -- cancel changed it since the snapshot). The others (loud) take the full path below;
+  -- of them, those whose public row may change are locked first.
+  with outcome as (
+    select r.task_id, r.worker_id, coalesce(r.ok, false) as ok, r.status, r.result,
+           least(greatest(r.progress, 0), 100) as progress,
+           left(r.progress_message, 1000) as progress_message,
+           coalesce(r.submitted, false) as is_submit,
+           greatest(coalesce(r.delay_seconds, 0), 0) as delay_seconds,
+           r.http_status, r.latency_ms,
+           -- An end or a submit that worked changes the row whatever it held.
+           coalesce(coalesce(r.ok, false) and (r.status in ('completed', 'failed')
+                                               or coalesce(r.submitted, false)),
+                    false) as surely_changing
+    from jsonb_to_recordset(results) as r(
+      task_id uuid, worker_id text, ok boolean, status text, result jsonb, progress integer,
+      progress_message text, submitted boolean, delay_seconds double precision,
+      http_status integer, latency_ms double precision)
+  ),
+  read as (
+    -- Each outcome's rows by key (OFFSET 0 keeps the lookups per outcome).
+    select o.*, t.status as old_status,
+           coalesce(o.ok and not o.is_submit and t.deadline_at > now()
+                    and (o.status is null or o.status = t.status)
+                    and (o.result is null or o.result is not distinct from t.result)
+                    and (o.progress is null or o.progress is not distinct from t.progress)
+                    and (o.progress_message is null
+                         or o.progress_message is not distinct from t.progress_message),
+                    false) as quiet,
+           -- Whether the public row may change (then it is locked before it is read).
+           coalesce(o.status is distinct from null and o.status <> t.status
+                    or o.result is not null and o.result is distinct from t.result
+                    or o.progress is not null and o.progress is distinct from t.progress
+                    or o.progress_message is not null
+                       and o.progress_message is distinct from t.progress_message
+                    or not o.ok and s.error_count + 1 >= t.max_attempts
+                    or o.is_submit and o.ok
+                    or t.deadline_at <= now(), true) as changing
+    from outcome o
+    cross join lateral (
+      select s.error_count from taskman_private.task_schedule s
+      where s.task_id = o.task_id and s.lease_owner = o.worker_id offset 0
+    ) s
+    cross join lateral (
+      select t.status, t.result, t.progress, t.progress_message, t.deadline_at, t.max_attempts
+      from taskman.tasks t
+      where t.task_id = o.task_id and t.status in ('pending', 'in_progress') offset 0
+    ) t
+    where not o.surely_changing
+  ),
+  moved as (
+    update taskman_private.task_schedule s
+    set attempt_count = s.attempt_count + 1,
+        error_count = 0,
+        last_polled_at = now(),
+        last_http_status = r.http_status,
+        last_latency_ms = r.latency_ms,
+        alive_at = now(),
+        lease_owner = null,
+        lease_expires_at = null,
+        next_poll_at = now() + make_interval(secs => r.delay_seconds)
+    from read r
+    where r.quiet and s.task_id = r.task_id and s.lease_owner = r.worker_id
+    returning s.task_id, r.old_status
+  )
+  select (select array_agg(m.task_id) from moved m),
+         (select array_agg(m.old_status) from moved m),
+         (select array_agg(r.task_id) from read r where not r.quiet)
+           || (select array_agg(o.task_id) from outcome o where o.surely_changing),
+         (select array_agg(r.task_id) from read r where not r.quiet and r.changing)
+           || (select array_agg(o.task_id) from outcome o where o.surely_changing)
+  into quiet_ids, quiet_statuses, loud_ids, changing_ids;
+
+  if quiet_ids is not null then
+    return query select q.task_id, q.status from unnest(quiet_ids, quiet_statuses) as q(task_id, status);
+  end if;
+  if loud_ids is null then
+    return;
+  end if;
+
+  -- The others: public rows that may change are locked first, in task_id order, as
+  -- every other writer of a task does (the row, then its schedule).
+  perform 1 from taskman.tasks t
+  where t.task_id = any(changing_ids) and t.status in ('pending', 'in_progress')
+  order by t.task_id
+  for update;
+
+  -- This statement writes the public rows as their triggers would have (see the top).
+  perform pg_catalog.set_config('taskman.poll_writer', 'on', true);
+  return query
+  with outcome as (
+    select r.task_id, r.worker_id, coalesce(r.ok, false) as ok, r.status, r.error_code,
+           greatest(coalesce(r.delay_seconds, 0), 0) as delay_seconds, r.result,
+           least(greatest(r.progress, 0), 100) as progress,
+           left(r.progress_message, 1000) as progress_message,
+           left(r.error_message, 2000) as error_message, r.http_status, r.latency_ms,
+           left(r.raw_response, 65536) as raw_response, left(r.raw_error, 4000) as raw_error,
+           left(r.reason, 60) as reason, coalesce(r.submitted, false) as is_submit,
+           r.poll_url as handle, left(r.external_id, 255) as job_id
+    from jsonb_to_recordset(results) as r(
+      task_id uuid, worker_id text, ok boolean, status text, error_code text,
+      delay_seconds double precision, result jsonb, progress integer, progress_message text,
+      error_message text, http_status integer, latency_ms double precision,
+      raw_response text, raw_error text, reason text, submitted boolean, poll_url text,
+      external_id text)
+    where r.task_id = any(loud_ids)
+  ),
+  read as (
+    -- FOR UPDATE of the schedule re-reads a row changed since the snapshot (a sweep,
+    -- a cancel clears the lease), so only the lease holder's outcome counts.
+    select o.*, t.user_id, t.poll_url as old_poll_url, t.max_attempts, t.deadline_at,
+           t.status as old_status, t.result as old_result, t.progress as old_progress,
+           t.progress_message as old_progress_message, t.error_code as old_error_code,
+           t.error_message as old_error_message, t.started_at as old_started_at,
+           s.error_count, s.attempt_count,
+           o.is_submit and o.ok and t.submitted_at is null as accepted,
+           o.handle is not null and not taskman_private.is_http_url(o.handle) as bad_handle
+    from outcome o
+    join taskman_private.task_schedule s on s.task_id = o.task_id
+    join taskman.tasks t on t.task_id = o.task_id
+    where s.task_id = any(loud_ids) and t.task_id = any(loud_ids)
+      and s.lease_owner = o.worker_id
+      and t.status in ('pending', 'in_progress')
+    for update of s
+  ),
+  decided as (
+    select r.*,
+           case when r.ok then 0 else r.error_count + 1 end as new_error_count,
+           r.attempt_count + 1 as new_attempt_count,
+           case
+             when r.accepted and r.bad_handle then 'failed'
+             when r.status in ('completed', 'failed') then r.status
+             when not r.ok and r.error_count + 1 >= r.max_attempts then 'failed'
+             when r.deadline_at <= now() then 'failed'
+             when r.status = 'in_progress' or r.accepted then 'in_progress'
+             else r.old_status
+           end as new_status,
+           case
+             when r.accepted and r.bad_handle then 'invalid_response'
+             when r.status = 'failed' then coalesce(r.error_code, 'remote_failed')
+             when r.status = 'completed' then null
+             when not r.ok and r.error_count + 1 >= r.max_attempts
+               then case when r.error_code = 'invalid_response' then 'invalid_response'
+                         else 'max_attempts' end
+             when r.deadline_at <= now() then 'timeout'
+           end as new_error_code,
+           (r.result is not null and r.result is distinct from r.old_result
+            or r.progress is not null and r.progress is distinct from r.old_progress
+            or r.progress_message is not null
+               and r.progress_message is distinct from r.old_progress_message
+            or r.accepted) as news,
+           case when r.accepted and not r.bad_handle then coalesce(r.handle, r.old_poll_url)
+                else r.old_poll_url end as new_poll_url
+    from read r
+  ),
+  marked as (
+    -- next_poll_at is decided here, once, for the schedule, the row and the events.
+    select d.*, (d.news or d.new_status <> d.old_status) as visible, f.finished,
+           d.new_status <> d.old_status as transition,
+           (d.progress is not null and d.progress is distinct from d.old_progress
+            or d.progress_message is not null
+               and d.progress_message is distinct from d.old_progress_message) as progressed,
+           case when f.finished then null
+                -- A submitted task without a handle waits for its callback.
+                when d.accepted and d.new_poll_url is null then null
+                else now() + make_interval(secs => d.delay_seconds) end as next_poll_at
+    from decided d
+    cross join lateral (select d.new_status in ('completed', 'failed') as finished) f
+  ),
+  final as (
+    -- The row's columns after the transition, as tasks_prepare_update sets them.
+    select m.*, e.final_error_code,
+           case when m.transition and m.new_status = 'completed' then null
+                when m.transition and m.new_status = 'failed'
+                  then coalesce(e.error_message, taskman_private.neutral_error(e.final_error_code))
+                else e.error_message end as final_error_message
+    from marked m
+    cross join lateral (
+      select case when m.transition and m.new_status = 'completed' then null
+                  when m.transition and m.new_status = 'failed'
+                    then coalesce(m.new_error_code, m.old_error_code, 'remote_failed')
+                  else coalesce(m.new_error_code, m.old_error_code) end as final_error_code,
+             case when m.status = 'failed' then m.error_message
+                  else m.old_error_message end as error_message
+    ) e
+  ),
+  scheduled as (
+    update taskman_private.task_schedule s
+    set attempt_count = m.new_attempt_count,
+        error_count = m.new_error_count,
+        last_polled_at = now(),
+        last_http_status = m.http_status,
+        last_latency_ms = m.latency_ms,
+        alive_at = case when m.ok then now() else s.alive_at end,
+        lease_owner = null,
+        lease_expires_at = null,
+        next_poll_at = m.next_poll_at
+    from marked m
+    where s.task_id = m.task_id
+  ),
+  written as (
+    update taskman.tasks t
+    set status = m.new_status,
+        error_code = m.final_error_code,
+        error_message = m.final_error_message,
+        result = coalesce(m.result, t.result),
+        progress = case when m.transition and m.new_status = 'completed' then 100
+                        else coalesce(m.progress, t.progress) end,
+        progress_message = coalesce(m.progress_message, t.progress_message),
+        poll_url = m.new_poll_url,
+        external_id = case when m.accepted then coalesce(m.job_id, t.external_id)
+                           else t.external_id end,
+        submitted_at = case when m.accepted then now() else t.submitted_at end,
+        started_at = case when m.transition and m.new_status = 'in_progress'
+                          then coalesce(t.started_at, now()) else t.started_at end,
+        completed_at = case when m.transition and m.finished then now() else t.completed_at end,
+        attempt_count = m.new_attempt_count,
+        error_count = m.new_error_count,
+        last_polled_at = now(),
+        next_poll_at = m.next_poll_at,
+        updated_at = now()
+    from final m
+    where t.task_id = m.task_id and m.visible
+    returning t.task_id, t.status, t.user_id, m.transition, m.progressed
+  ),
+  events as (
+    -- The poll's event (`news: progress` with the status in to_status marks a poll
+    -- whose news was progress alone: the edge's /events reads it back without
+    -- LISTEN), its retry, then the transition's `status_changed`, in that order.
+    insert into taskman.task_events (task_id, user_id, event_type, from_status, to_status, detail)
+    select m.task_id, m.user_id, e.event_type, e.from_status, e.to_status, e.detail
+    from final m
+    cross join lateral (
+      select 1 as ord, case when m.is_submit then 'submitted' else 'polled' end as event_type,
+             null::text as from_status,
+             case when not m.is_submit and m.news and not m.transition
+                  then m.new_status end as to_status,
+             jsonb_strip_nulls(jsonb_build_object(
+               'news', case when not m.is_submit and m.news and not m.transition
+                            then 'progress' end,
+               'progress', case when not m.is_submit and m.news then m.progress end,
+               'http_status', m.http_status, 'latency_ms', round(m.latency_ms::numeric, 1),
+               'outcome', case when not m.ok then 'error'
+                               when m.is_submit and m.bad_handle then 'invalid_handle'
+                               when m.is_submit then
+                                 case when m.status in ('completed', 'failed') then m.status
+                                      else 'accepted' end
+                               else coalesce(m.status, 'no_change') end,
+               'reason', m.reason,
+               'attempt', m.new_attempt_count,
+               'error_count', m.new_error_count,
+               'polled', case when m.is_submit and m.ok then m.new_poll_url is not null end))
+               as detail
+      where m.visible or not m.ok
+      union all
+      select 2, 'retry_scheduled', null, null, jsonb_strip_nulls(jsonb_build_object(
+               'http_status', m.http_status, 'latency_ms', round(m.latency_ms::numeric, 1),
+               'outcome', 'error', 'reason', m.reason, 'attempt', m.new_attempt_count,
+               'error_count', m.new_error_count, 'next_poll_at', m.next_poll_at))
+      where not m.ok and not m.finished
+      union all
+      select 3, 'status_changed', m.old_status, m.new_status,
+             jsonb_strip_nulls(jsonb_build_object('error_code', m.final_error_code))
+      where m.transition
+    ) e
+    order by m.task_id, e.ord
+  ),
+  raw as (
+    -- The raw answer of a poll that said something (news, an error, the end), kept
+    -- service-only; a poll with no news leaves the last one in place.
+    insert into taskman_private.task_private as p
+      (task_id, last_http_status, last_response, last_error, updated_at)
+    select m.task_id, m.http_status, m.raw_response, m.raw_error, now()
+    from marked m
+    where (m.visible or not m.ok)
+      and (m.raw_response is not null or m.raw_error is not null
+           or exists (select 1 from taskman_private.task_private x where x.task_id = m.task_id))
+    on conflict on constraint task_private_pkey do update
+    set last_http_status = excluded.last_http_status,
+        last_response = excluded.last_response,
+        last_error = excluded.last_error,
+        updated_at = excluded.updated_at
+  ),
+  notified as (
+    -- What the status and progress triggers sent: a NOTIFY for each status change,
+    -- and for each change of progress alone.
+    select pg_catalog.pg_notify('taskman', json_build_object(
+             'task_id', w.task_id, 'status', w.status, 'user_id', w.user_id)::text)
+    from written w
+    where w.transition or w.progressed
+  )
+  select m.task_id, m.new_status from marked m
+  where (select count(*) from notified) >= 0;
+  perform pg_catalog.set_config('taskman.poll_writer', '', true);
+end
+$$;
