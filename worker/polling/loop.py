@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import psycopg
@@ -338,7 +337,7 @@ class Worker:
                         async for notice in conn.notifies():
                             if notice.channel in woken:
                                 woken[notice.channel].set()
-                            elif json.loads(notice.payload).get("status") == "pending":
+                            elif _announces_pending(notice.payload):
                                 self._wake.set()
                     finally:
                         self._listening = False  # the claimer checks the due index meanwhile
@@ -366,8 +365,10 @@ class Worker:
 
     async def _poll(self, task: ClaimedTask, lease_ends: float) -> None:
         outcome = None
+        host = host_key(task.request_url)
         try:
-            async with self._hosts.limit(urlsplit(task.request_url).netloc):
+            await self._hosts.acquire(host)
+            try:
                 # A task that waited for its host past its lease may already be someone
                 # else's: leave it to them.
                 # A submit must also end before the lease does, or another worker
@@ -380,11 +381,13 @@ class Worker:
                 else:
                     log.warning("task %s waited for its host past its lease; not polled",
                                 task.task_id, extra={"task_id": str(task.task_id)})
+            finally:
+                self._hosts.release(host)
         finally:
             self._polling -= 1
             self._slot_freed.set()
         if outcome is not None:
-            outcome["host"] = host_key(task.request_url)
+            outcome["host"] = host
             self.metrics.count_poll(outcome)
             self._outcomes.append(outcome)
             self._outcome_added.set()
@@ -520,24 +523,41 @@ class Worker:
 
 
 class _HostLimits:
-    """One semaphore per host, kept only while some poll uses it."""
+    """One semaphore per host key, kept only while some poll holds or waits for it."""
 
     def __init__(self, per_host: int) -> None:
         self.per_host = per_host
-        self._hosts: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._hosts: dict[str | None, tuple[asyncio.Semaphore, list[int]]] = {}
 
-    @asynccontextmanager
-    async def limit(self, host: str) -> AsyncIterator[None]:
-        semaphore, users = self._hosts.setdefault(
-            host, (asyncio.Semaphore(self.per_host), [0]))
-        users[0] += 1
+    async def acquire(self, host: str | None) -> None:
+        """Wait for one of `host`'s slots; once acquired, release it exactly once."""
+        entry = self._hosts.get(host)
+        if entry is None:
+            entry = self._hosts[host] = (asyncio.Semaphore(self.per_host), [0])
+        entry[1][0] += 1
         try:
-            async with semaphore:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._hosts[host]
+            await entry[0].acquire()
+        except BaseException:  # cancelled while waiting: it holds no slot
+            self._leave(host, entry[1])
+            raise
+
+    def release(self, host: str | None) -> None:
+        """Give back a slot `acquire` took."""
+        semaphore, users = self._hosts[host]
+        semaphore.release()
+        self._leave(host, users)
+
+    def _leave(self, host: str | None, users: list[int]) -> None:
+        users[0] -= 1
+        if not users[0]:
+            del self._hosts[host]
+
+
+def _announces_pending(payload: str) -> bool:
+    """Whether a ``taskman`` NOTIFY says a task is pending (new or retried). Most say a
+    task finished: those are told apart without decoding them (the ids are UUIDs, so
+    ``"pending"`` appears only as a status)."""
+    return '"pending"' in payload and json.loads(payload).get("status") == "pending"
 
 
 def _db_retry_delay(failures: int) -> float:
