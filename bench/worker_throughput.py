@@ -3,8 +3,9 @@
 One worker process polls an instant local status API; the figure is tasks per second
 from the commit that creates them to the last one completed. Beside it, in the same
 run, the baseline: the same number of plain GETs at the same concurrency with the
-fastest client measured (aiohttp, bench.http_clients), no database. Their ratio is the
-share of raw HTTP throughput the worker keeps (target >= 50%). Also: the worker's CPU
+fastest client measured (aiohttp, bench.http_clients), no database, on asyncio's loop
+and on uvloop (the worker's). Their ratio is the share of raw HTTP throughput the worker
+keeps (target >= 50%). Also: the worker's CPU
 seconds per 1,000 polls and its resident memory, at concurrency 10, 100 and 1,000, and how
 busy the machine's cores were meanwhile (the worker, its database and the remote share
 them, and on a shared machine so does whatever else runs: compare ratios, not rates).
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import aiohttp
 import psycopg
+import uvloop
 
 from bench.cluster import migrated_databases, queries
 from bench.instant_remote import instant_remote
@@ -127,14 +129,17 @@ def main() -> None:
 
     names = [f"bench_worker_{c}" for c in args.concurrency]
     print(f"{args.tasks:,} tasks done on first poll, one worker process, an instant remote")
-    print(f"  {'concurrency':>11} {'aiohttp GETs/s':>15} {'worker tasks/s':>15} {'ratio':>6}"
+    print(f"  {'concurrency':>11} {'aiohttp GETs/s':>15} {'on uvloop':>10}"
+          f" {'worker tasks/s':>15} {'ratio':>6} {'uvloop':>6}"
           f" {'CPU s/1k polls':>15} {'its DB CPU s/1k':>16} {'RSS MB':>7} {'cores busy':>10}")
     with migrated_databases(*names) as urls, instant_remote() as base_url:
         for concurrency, name in zip(args.concurrency, names, strict=True):
             raw = asyncio.run(_plain_gets(base_url, args.tasks, concurrency))
+            raw_uvloop = uvloop.run(_plain_gets(base_url, args.tasks, concurrency))
             rate, cpu, db_cpu, rss, busy = _worker_run(urls[name], base_url, args.tasks,
                                                         concurrency, args.profile)
-            print(f"  {concurrency:>11} {raw:>15.0f} {rate:>15.0f} {rate / raw:>6.0%}"
+            print(f"  {concurrency:>11} {raw:>15.0f} {raw_uvloop:>10.0f} {rate:>15.0f}"
+                  f" {rate / raw:>6.0%} {rate / raw_uvloop:>6.0%}"
                   f" {cpu / args.tasks * 1000:>15.3f} {db_cpu / args.tasks * 1000:>16.3f}"
                   f" {rss:>7.0f} {busy:>10.0%}", flush=True)
     print("  (target: the worker keeps >= 50% of the raw rate; flat or better as concurrency"

@@ -93,6 +93,36 @@ def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
     assert any("released 5 unfinished tasks" in entry["message"] for entry in logs)
 
 
+def test_tasks_held_ready_for_a_slot_never_exceed_the_concurrency_and_go_back_at_sigterm(
+        conn, database_url, remote, workers) -> None:
+    """The worker claims a claim's worth beyond its free slots (so a freed slot never
+    waits for a claim): those wait for a slot, and a stopping worker gives them back
+    unpolled, due at once for the others."""
+    stuck = [remote.script(f"/stuck/{i}", Reply(delay=60, json={"status": "done"}))
+             for i in range(6)]
+    insert_tasks(conn, stuck)
+    process = start_worker_process(database_url, "--log-format", "json",
+                                   TASKMAN_CONCURRENCY="2", TASKMAN_SHUTDOWN_GRACE="1",
+                                   **PATIENT)
+    workers.append(process)
+    wait_until(lambda: sum(bool(remote.hits(f"/stuck/{i}")) for i in range(6)) == 2)
+    leased = wait_until(lambda: (n := conn.execute(
+        "select count(*) as n from taskman_private.task_schedule"
+        " where lease_owner is not null").fetchone()["n"]) == 4 and n)
+    time.sleep(0.5)
+    assert sum(bool(remote.hits(f"/stuck/{i}")) for i in range(6)) == 2
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+
+    assert sum(len(remote.hits(f"/stuck/{i}")) for i in range(6)) == 2
+    leftover = conn.execute("select t.status, s.lease_owner, s.next_poll_at <= now() as due"
+                            " from taskman.tasks t"
+                            " join taskman_private.task_schedule s using (task_id)").fetchall()
+    assert leftover == [{"status": "pending", "lease_owner": None, "due": True}] * 6
+    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    assert any(f"released {leased} unfinished tasks" in entry["message"] for entry in logs)
+
+
 def test_invalid_configuration_names_the_setting_and_exits_2(database_url) -> None:
     process = start_worker_process(database_url, TASKMAN_CONCURRENCY="0")
     _, stderr = process.communicate(timeout=30)

@@ -2,7 +2,8 @@
 
 One asyncio loop runs a few long-lived coroutines beside the polls themselves:
 
-- the claimer claims as many due tasks as there are free poll slots (and, in the same
+- the claimer claims due tasks for the free poll slots and one claim's worth more, held
+  ready so that a freed slot never waits for a claim's round trip (and, in the same
   transaction, lets through those their hosts allow now: worker.polling.hosts), then
   sleeps until
   a NOTIFY on ``taskman`` says a task is new (or retried), or the next one falls due;
@@ -31,6 +32,7 @@ import random
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -141,6 +143,13 @@ class Worker:
         self._gate = HostGate(settings, self.worker_id)
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
         self._polling = 0  # polls not yet finished (slots in use)
+        # Claimed tasks waiting for a slot, with when their leases end (monotonic): at most
+        # one claim's worth, so that polls never wait for a claim round trip.
+        self._ready: deque[tuple[ClaimedTask, float]] = deque()
+        self._ahead = min(settings.batch_size, settings.concurrency)
+        # With tasks ready, claim again once this much room is free: in batches, not a
+        # task at a time.
+        self._refill = max(1, self._ahead // 4)
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
         self._listening = False  # a LISTEN connection is up: NOTIFY wakes the claimer
@@ -244,8 +253,8 @@ class Worker:
     async def _claim_loop(self) -> None:
         failures = 0
         while True:
-            free = self.settings.concurrency - self._polling
-            if free <= 0:
+            free = self.settings.concurrency + self._ahead - self._polling - len(self._ready)
+            if free <= 0 or (self._ready and free < self._refill):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -297,8 +306,8 @@ class Worker:
                                                   self.settings.lease_seconds)
             admitted = await self._gate.admit_tasks(conn, claimed)
         self.metrics.claim_latency.observe(time.perf_counter() - started)
-        for task in admitted:
-            self._start_poll(task, lease_ends)
+        self._ready.extend((task, lease_ends) for task in admitted)
+        self._start_ready()
         return claimed
 
     async def _seconds_until_due(self) -> float:
@@ -357,11 +366,15 @@ class Worker:
 
     # Polling --------------------------------------------------------------------------
 
-    def _start_poll(self, task: ClaimedTask, lease_ends: float) -> None:
-        self._polling += 1
-        poll = asyncio.create_task(self._poll(task, lease_ends))
-        self._polls.add(poll)
-        poll.add_done_callback(self._poll_done)
+    def _start_ready(self) -> None:
+        """Start polls of ready tasks while slots are free (none once stopping: those
+        tasks' leases are released)."""
+        while self._ready and self._polling < self.settings.concurrency \
+                and not self._stopping.is_set():
+            self._polling += 1
+            poll = asyncio.create_task(self._poll(*self._ready.popleft()))
+            self._polls.add(poll)
+            poll.add_done_callback(self._poll_done)
 
     async def _poll(self, task: ClaimedTask, lease_ends: float) -> None:
         outcome = None
@@ -385,6 +398,7 @@ class Worker:
                 self._hosts.release(host)
         finally:
             self._polling -= 1
+            self._start_ready()
             self._slot_freed.set()
         if outcome is not None:
             outcome["host"] = host
