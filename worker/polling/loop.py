@@ -2,8 +2,8 @@
 
 One asyncio loop runs a few long-lived coroutines beside the polls themselves:
 
-- the claimer claims due tasks for the free poll slots and one claim's worth more, held
-  ready so that a freed slot never waits for a claim's round trip (and, in the same
+- the claimer claims due tasks for the free poll slots and up to half as many more, held
+  ready so that a freed slot does not wait for a claim's round trip (and, in the same
   transaction, lets through those their hosts allow now: worker.polling.hosts), then
   sleeps until
   a NOTIFY on ``taskman`` says a task is new (or retried), or the next one falls due;
@@ -144,9 +144,10 @@ class Worker:
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
         self._polling = 0  # polls not yet finished (slots in use)
         # Claimed tasks waiting for a slot, with when their leases end (monotonic): at most
-        # one claim's worth, so that polls never wait for a claim round trip.
+        # half the slots (or half a claim), enough that polls do not wait for a claim's
+        # round trip, few enough that claimed tasks do not double the worker's memory.
         self._ready: deque[tuple[ClaimedTask, float]] = deque()
-        self._ahead = min(settings.batch_size, settings.concurrency)
+        self._ahead = max(1, min(settings.batch_size, settings.concurrency) // 2)
         # With tasks ready, claim again once this much room is free: in batches, not a
         # task at a time.
         self._refill = max(1, self._ahead // 4)
