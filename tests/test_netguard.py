@@ -142,6 +142,29 @@ def test_redirect_to_an_allowed_host_is_followed(server: LocalServer) -> None:
     assert server.paths[-2:] == ["/to/self", "/ok"]
 
 
+def test_a_session_that_let_an_origin_through_still_checks_every_other(
+    server: LocalServer,
+) -> None:
+    """The middleware remembers origins that passed, for speed: another port or address
+    on the same session is still refused, on every request."""
+    allowed = NetworkPolicy(allowed_hosts=frozenset({f"127.0.0.1:{server.port}"}))
+
+    async def main() -> None:
+        async with guarded_session(allowed,
+                                   timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+            for _ in range(2):
+                async with session.get(server.url("/ok")) as response:
+                    assert response.status == 200
+                with pytest.raises(BlockedURL, match=r"127\.0\.0\.1 is a non-public address"):
+                    await session.get(f"http://127.0.0.1:{server.port + 1}/ok")
+                with pytest.raises(BlockedURL, match="::1 is a non-public address"):
+                    await session.get(f"http://[::1]:{server.port}/ok")
+
+    seen = len(server.paths)
+    asyncio.run(main())
+    assert server.paths[seen:] == ["/ok", "/ok"]
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_private_networks_are_reachable_when_allowed(server: LocalServer, host: str) -> None:
     response = get(server.url("/ok", host=host), NetworkPolicy(allow_private=True))

@@ -93,6 +93,40 @@ def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
     assert any("released 5 unfinished tasks" in entry["message"] for entry in logs)
 
 
+def test_tasks_held_ready_for_a_slot_never_exceed_the_concurrency_and_go_back_at_sigterm(
+        conn, database_url, remote, workers) -> None:
+    """The worker claims up to half its slots' worth beyond its free slots (so a freed
+    slot does not wait for a claim): those wait for a slot, and a stopping worker gives
+    them back unpolled, due at once for the others."""
+    stuck = [remote.script(f"/stuck/{i}", Reply(delay=60, json={"status": "done"}))
+             for i in range(8)]
+    insert_tasks(conn, stuck)
+    process = start_worker_process(database_url, "--log-format", "json",
+                                   TASKMAN_CONCURRENCY="4", TASKMAN_SHUTDOWN_GRACE="1",
+                                   **PATIENT)
+    workers.append(process)
+
+    def polled() -> int:
+        return sum(bool(remote.hits(f"/stuck/{i}")) for i in range(8))
+
+    wait_until(lambda: polled() == 4)
+    wait_until(lambda: conn.execute(
+        "select count(*) as n from taskman_private.task_schedule"
+        " where lease_owner is not null").fetchone()["n"] == 4 + 2)
+    time.sleep(0.5)
+    assert polled() == 4
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+
+    assert sum(len(remote.hits(f"/stuck/{i}")) for i in range(8)) == 4
+    leftover = conn.execute("select t.status, s.lease_owner, s.next_poll_at <= now() as due"
+                            " from taskman.tasks t"
+                            " join taskman_private.task_schedule s using (task_id)").fetchall()
+    assert leftover == [{"status": "pending", "lease_owner": None, "due": True}] * 8
+    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    assert any("released 6 unfinished tasks" in entry["message"] for entry in logs)
+
+
 def test_invalid_configuration_names_the_setting_and_exits_2(database_url) -> None:
     process = start_worker_process(database_url, TASKMAN_CONCURRENCY="0")
     _, stderr = process.communicate(timeout=30)

@@ -2,7 +2,8 @@
 
 One asyncio loop runs a few long-lived coroutines beside the polls themselves:
 
-- the claimer claims as many due tasks as there are free poll slots (and, in the same
+- the claimer claims due tasks for the free poll slots and up to half as many more, held
+  ready so that a freed slot does not wait for a claim's round trip (and, in the same
   transaction, lets through those their hosts allow now: worker.polling.hosts), then
   sleeps until
   a NOTIFY on ``taskman`` says a task is new (or retried), or the next one falls due;
@@ -31,11 +32,11 @@ import random
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import psycopg
@@ -142,6 +143,14 @@ class Worker:
         self._gate = HostGate(settings, self.worker_id)
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
         self._polling = 0  # polls not yet finished (slots in use)
+        # Claimed tasks waiting for a slot, with when their leases end (monotonic): at most
+        # half the slots (or half a claim), enough that polls do not wait for a claim's
+        # round trip, few enough that claimed tasks do not double the worker's memory.
+        self._ready: deque[tuple[ClaimedTask, float]] = deque()
+        self._ahead = max(1, min(settings.batch_size, settings.concurrency) // 2)
+        # With tasks ready, claim again once this much room is free: in batches, not a
+        # task at a time.
+        self._refill = max(1, self._ahead // 4)
         self._slot_freed = asyncio.Event()
         self._wake = asyncio.Event()
         self._listening = False  # a LISTEN connection is up: NOTIFY wakes the claimer
@@ -245,8 +254,8 @@ class Worker:
     async def _claim_loop(self) -> None:
         failures = 0
         while True:
-            free = self.settings.concurrency - self._polling
-            if free <= 0:
+            free = self.settings.concurrency + self._ahead - self._polling - len(self._ready)
+            if free <= 0 or (self._ready and free < self._refill):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -298,8 +307,8 @@ class Worker:
                                                   self.settings.lease_seconds)
             admitted = await self._gate.admit_tasks(conn, claimed)
         self.metrics.claim_latency.observe(time.perf_counter() - started)
-        for task in admitted:
-            self._start_poll(task, lease_ends)
+        self._ready.extend((task, lease_ends) for task in admitted)
+        self._start_ready()
         return claimed
 
     async def _seconds_until_due(self) -> float:
@@ -338,7 +347,7 @@ class Worker:
                         async for notice in conn.notifies():
                             if notice.channel in woken:
                                 woken[notice.channel].set()
-                            elif json.loads(notice.payload).get("status") == "pending":
+                            elif _announces_pending(notice.payload):
                                 self._wake.set()
                     finally:
                         self._listening = False  # the claimer checks the due index meanwhile
@@ -358,16 +367,22 @@ class Worker:
 
     # Polling --------------------------------------------------------------------------
 
-    def _start_poll(self, task: ClaimedTask, lease_ends: float) -> None:
-        self._polling += 1
-        poll = asyncio.create_task(self._poll(task, lease_ends))
-        self._polls.add(poll)
-        poll.add_done_callback(self._poll_done)
+    def _start_ready(self) -> None:
+        """Start polls of ready tasks while slots are free (none once stopping: those
+        tasks' leases are released)."""
+        while self._ready and self._polling < self.settings.concurrency \
+                and not self._stopping.is_set():
+            self._polling += 1
+            poll = asyncio.create_task(self._poll(*self._ready.popleft()))
+            self._polls.add(poll)
+            poll.add_done_callback(self._poll_done)
 
     async def _poll(self, task: ClaimedTask, lease_ends: float) -> None:
         outcome = None
+        host = host_key(task.request_url)
         try:
-            async with self._hosts.limit(urlsplit(task.request_url).netloc):
+            await self._hosts.acquire(host)
+            try:
                 # A task that waited for its host past its lease may already be someone
                 # else's: leave it to them.
                 # A submit must also end before the lease does, or another worker
@@ -380,11 +395,14 @@ class Worker:
                 else:
                     log.warning("task %s waited for its host past its lease; not polled",
                                 task.task_id, extra={"task_id": str(task.task_id)})
+            finally:
+                self._hosts.release(host)
         finally:
             self._polling -= 1
+            self._start_ready()
             self._slot_freed.set()
         if outcome is not None:
-            outcome["host"] = host_key(task.request_url)
+            outcome["host"] = host
             self.metrics.count_poll(outcome)
             self._outcomes.append(outcome)
             self._outcome_added.set()
@@ -520,24 +538,41 @@ class Worker:
 
 
 class _HostLimits:
-    """One semaphore per host, kept only while some poll uses it."""
+    """One semaphore per host key, kept only while some poll holds or waits for it."""
 
     def __init__(self, per_host: int) -> None:
         self.per_host = per_host
-        self._hosts: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        self._hosts: dict[str | None, tuple[asyncio.Semaphore, list[int]]] = {}
 
-    @asynccontextmanager
-    async def limit(self, host: str) -> AsyncIterator[None]:
-        semaphore, users = self._hosts.setdefault(
-            host, (asyncio.Semaphore(self.per_host), [0]))
-        users[0] += 1
+    async def acquire(self, host: str | None) -> None:
+        """Wait for one of `host`'s slots; once acquired, release it exactly once."""
+        entry = self._hosts.get(host)
+        if entry is None:
+            entry = self._hosts[host] = (asyncio.Semaphore(self.per_host), [0])
+        entry[1][0] += 1
         try:
-            async with semaphore:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._hosts[host]
+            await entry[0].acquire()
+        except BaseException:  # cancelled while waiting: it holds no slot
+            self._leave(host, entry[1])
+            raise
+
+    def release(self, host: str | None) -> None:
+        """Give back a slot `acquire` took."""
+        semaphore, users = self._hosts[host]
+        semaphore.release()
+        self._leave(host, users)
+
+    def _leave(self, host: str | None, users: list[int]) -> None:
+        users[0] -= 1
+        if not users[0]:
+            del self._hosts[host]
+
+
+def _announces_pending(payload: str) -> bool:
+    """Whether a ``taskman`` NOTIFY says a task is pending (new or retried). Most say a
+    task finished: those are told apart without decoding them (the ids are UUIDs, so
+    ``"pending"`` appears only as a status)."""
+    return '"pending"' in payload and json.loads(payload).get("status") == "pending"
 
 
 def _db_retry_delay(failures: int) -> float:

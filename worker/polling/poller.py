@@ -65,9 +65,10 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
     return guarded_session(
         policy,
         limit=settings.concurrency,
-        # Each of connecting and every read within it; the whole poll (redirects
-        # included) is bounded by the same figure in Poller._poll.
-        timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),
+        # Connecting; the whole poll (redirects and every read included) is bounded by
+        # the same figure in Poller._poll, so a read timeout of its own could never
+        # fire first (and would cost a timer reset per chunk read).
+        timeout=aiohttp.ClientTimeout(total=None, connect=seconds),
         headers={"User-Agent": "taskman", "Accept": "application/json",
                  "Accept-Encoding": ACCEPT_ENCODING},
     )

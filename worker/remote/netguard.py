@@ -9,7 +9,9 @@ Two parts, both inside one aiohttp session (``guarded_session``):
   between (rebinding, TTL 0) cannot slip through. TLS (SNI, certificate) and the Host
   header still use the name, as aiohttp does for any resolver.
 - ``check_url`` runs as a session middleware on every request, redirect hops included: plain
-  http(s), no user info, and IP literals checked (aiohttp never resolves those).
+  http(s), no user info, and IP literals checked (aiohttp never resolves those). Its verdict
+  is a function of the URL's scheme and authority, so the middleware remembers the ones
+  that passed.
 
 Sessions are built with ``trust_env=False``: a proxy from the environment would connect
 in the guard's place.
@@ -189,11 +191,26 @@ def guarded_session(
     )
 
 
+# Origins (scheme and authority) a session's middleware remembers as passing check_url.
+_PASSED_ORIGINS = 4_096
+
+
 def _policy_middleware(policy: NetworkPolicy) -> Callable[..., Any]:
+    """check_url on every request. Its verdict depends only on the URL's scheme and
+    authority (user info, host, port), so each that passed is remembered: IP literals
+    are final, and names are checked by GuardedResolver on every lookup anyway."""
+    passed: set[tuple[str, str]] = set()
+
     async def check_each_request(
         request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
-        check_url(request.url, policy)
+        url = request.url
+        origin = (url.scheme, url.raw_authority)
+        if origin not in passed:
+            check_url(url, policy)
+            if len(passed) >= _PASSED_ORIGINS:
+                passed.clear()
+            passed.add(origin)
         return await handler(request)
 
     return check_each_request
