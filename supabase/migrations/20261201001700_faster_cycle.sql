@@ -268,7 +268,8 @@ begin
   -- This statement writes the public rows as their triggers would have (see the top).
   perform pg_catalog.set_config('taskman.poll_writer', 'on', true);
   return query
-  with outcome as (
+  with outcome as materialized (
+    -- Read once: inlined, the planner may scan the JSON again for every task row.
     select r.task_id, r.worker_id, coalesce(r.ok, false) as ok, r.status, r.error_code,
            greatest(coalesce(r.delay_seconds, 0), 0) as delay_seconds, r.result,
            least(greatest(r.progress, 0), 100) as progress,
@@ -295,13 +296,21 @@ begin
            s.error_count, s.attempt_count,
            o.is_submit and o.ok and t.submitted_at is null as accepted,
            o.handle is not null and not taskman_private.is_http_url(o.handle) as bad_handle
+    -- Each outcome's rows by key: joined, the planner's guess of one row can turn the
+    -- batch into a scan of every outcome for every row (quadratic in the batch).
     from outcome o
-    join taskman_private.task_schedule s on s.task_id = o.task_id
-    join taskman.tasks t on t.task_id = o.task_id
-    where s.task_id = any(loud_ids) and t.task_id = any(loud_ids)
-      and s.lease_owner = o.worker_id
-      and t.status in ('pending', 'in_progress')
-    for update of s
+    cross join lateral (
+      select s.error_count, s.attempt_count from taskman_private.task_schedule s
+      where s.task_id = o.task_id and s.lease_owner = o.worker_id
+      for update
+    ) s
+    cross join lateral (
+      select t.user_id, t.poll_url, t.max_attempts, t.deadline_at, t.status, t.result,
+             t.progress, t.progress_message, t.error_code, t.error_message, t.started_at,
+             t.submitted_at
+      from taskman.tasks t
+      where t.task_id = o.task_id and t.status in ('pending', 'in_progress') offset 0
+    ) t
   ),
   decided as (
     select r.*,
