@@ -84,6 +84,18 @@ def test_each_visible_change_is_one_message_on_its_owners_topic(supabase, api) -
         ("UPDATE", "in_progress", 10), ("UPDATE", "completed", 100)]
 
 
+def test_rows_written_directly_through_postgrest_are_sent_too(supabase, api) -> None:
+    _set_mode(supabase, "broadcast")
+    with api.request("authenticated", USER_A) as cur:
+        cur.execute("insert into taskman.tasks (poll_url) values ('https://api.example.com/x')")
+    with api.request("authenticated", USER_A) as cur:
+        cur.execute("""update taskman.tasks set metadata = '{"customer": 7}'""")
+    sent = _messages(supabase)
+    assert [(m["event"], m["topic"]) for m in sent] == [
+        ("INSERT", f"taskman:tasks:{USER_A}"), ("UPDATE", f"taskman:tasks:{USER_A}")]
+    assert sent[1]["payload"]["metadata"] == {"customer": 7}
+
+
 def test_a_result_too_large_for_a_message_is_left_for_get_task_status(supabase) -> None:
     _set_mode(supabase, "broadcast")
     task_id = create_task(supabase)["task_id"]
