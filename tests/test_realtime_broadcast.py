@@ -1,8 +1,7 @@
 """Realtime by Broadcast: a Supabase project follows its tasks live on a private topic per
 owner, and retention can then delete whole tasks (no Postgres Changes DELETE fan-out).
 
-The database is made to look like a Supabase project's: a `realtime` schema with
-`messages`, `send()` and `topic()` shaped as Supabase's own, and `subscription`."""
+The database is made to look like a Supabase project's (tests/supabase_realtime.py)."""
 
 from __future__ import annotations
 
@@ -10,40 +9,15 @@ import psycopg
 import pytest
 
 from tests.factories import USER_A, USER_B, create_task, task_row
+from tests.supabase_realtime import emulate_supabase_realtime
 from tests.test_cli import taskman
 from tests.test_quiet_polls import _poll
 from tests.test_retention import _finish
 
-SUPABASE_REALTIME = """
-create schema realtime;
-grant usage on schema realtime to anon, authenticated, service_role;
-create table realtime.subscription (id bigint primary key, entity regclass);
-create table realtime.messages (
-  id uuid primary key default gen_random_uuid(),
-  topic text not null, extension text not null, payload jsonb, event text,
-  private boolean default false, inserted_at timestamp not null default now());
-alter table realtime.messages enable row level security;
-grant select on realtime.messages to authenticated;
-create function realtime.topic() returns text language sql stable
-  as $$ select nullif(current_setting('realtime.topic', true), '') $$;
-grant execute on function realtime.topic() to authenticated;
-create function realtime.send(payload jsonb, event text, topic text, private boolean default true)
-returns void language plpgsql as $$
-begin
-  begin
-    execute format('set local realtime.topic to %L', topic);
-    insert into realtime.messages (payload, event, topic, private, extension)
-    values (payload, event, topic, private, 'broadcast');
-  exception when others then
-    raise warning 'ErrorSendingBroadcastMessage: %', sqlerrm;
-  end;
-end $$;
-"""
-
 
 @pytest.fixture
 def supabase(conn):
-    conn.execute(SUPABASE_REALTIME)
+    emulate_supabase_realtime(conn)
     return conn
 
 

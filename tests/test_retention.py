@@ -10,6 +10,7 @@ import json
 import psycopg
 
 from tests.factories import create_task, events, schedule_row, task_row
+from tests.supabase_realtime import emulate_supabase_realtime
 from tests.test_cli import taskman
 from tests.worker_harness import worker_settings
 from worker.polling.retention import Retention
@@ -110,8 +111,7 @@ def test_retention_days_zero_keeps_everything(database_url) -> None:
 def _stream_tasks_with_realtime(conn) -> None:
     """Make the database look like a Supabase project whose Realtime streams taskman.tasks:
     the `realtime` schema is there and taskman.tasks is in supabase_realtime."""
-    conn.execute("create schema realtime")
-    conn.execute("create table realtime.subscription (id bigint primary key, entity regclass)")
+    emulate_supabase_realtime(conn)
     assert conn.execute("select count(*) as n from pg_publication_tables"
                         " where pubname = 'supabase_realtime' and schemaname = 'taskman'"
                         " and tablename = 'tasks'").fetchone()["n"] == 1

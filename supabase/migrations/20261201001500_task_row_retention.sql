@@ -15,19 +15,30 @@
 -- partition, not the partitioned table, and Realtime matches subscriptions by that name:
 -- subscribers of taskman.tasks would receive nothing at all (README: Retention).
 
+-- Whether supabase_realtime carries taskman.tasks (listed, by schema, or all tables).
+create function taskman_private.tasks_in_realtime_publication()
+returns boolean
+language sql stable
+set search_path = ''
+as $$
+  select exists (select 1 from pg_catalog.pg_publication_tables p
+                 where p.pubname = 'supabase_realtime' and p.schemaname = 'taskman'
+                   and p.tablename = 'tasks')
+$$;
+
 create function taskman_private.realtime_streams_tasks()
 returns boolean
 language sql stable
 set search_path = ''
 as $$
   select pg_catalog.to_regclass('realtime.subscription') is not null
-     and exists (select 1 from pg_catalog.pg_publication_tables p
-                 where p.pubname = 'supabase_realtime' and p.schemaname = 'taskman'
-                   and p.tablename = 'tasks')
+     and taskman_private.tasks_in_realtime_publication()
 $$;
 
-revoke all on function taskman_private.realtime_streams_tasks() from public, anon, authenticated;
-grant execute on function taskman_private.realtime_streams_tasks() to service_role;
+revoke all on function taskman_private.tasks_in_realtime_publication(),
+  taskman_private.realtime_streams_tasks() from public, anon, authenticated;
+grant execute on function taskman_private.tasks_in_realtime_publication(),
+  taskman_private.realtime_streams_tasks() to service_role;
 
 drop function taskman.prune_finished_tasks(interval, integer, boolean);
 

@@ -40,9 +40,7 @@ as $$
     when exists (select 1 from pg_catalog.pg_trigger g
                  where g.tgrelid = 'taskman.tasks'::regclass
                    and g.tgname = 'tasks_broadcast_inserts') then 'broadcast'
-    when exists (select 1 from pg_catalog.pg_publication_tables p
-                 where p.pubname = 'supabase_realtime' and p.schemaname = 'taskman'
-                   and p.tablename = 'tasks') then 'changes'
+    when taskman_private.tasks_in_realtime_publication() then 'changes'
     else 'none'
   end
 $$;
@@ -117,7 +115,7 @@ begin
     if pg_catalog.to_regclass('realtime.messages') is not null then
       drop policy if exists "Owners receive their tasks' changes" on realtime.messages;
     end if;
-    if not listed and taskman.realtime_mode() <> 'changes' then
+    if not taskman_private.tasks_in_realtime_publication() then
       alter publication supabase_realtime add table taskman.tasks;
     end if;
   end if;
