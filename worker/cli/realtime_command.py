@@ -16,7 +16,8 @@ from worker import store
 from worker.cli.task_commands import open_database
 
 _MEANING = {
-    "changes": "Postgres Changes on taskman.tasks; retention keeps finished task rows",
+    "changes": "Postgres Changes on taskman.tasks; while Supabase Realtime streams it,"
+               " retention keeps finished task rows",
     "broadcast": "Broadcast on the private topic taskman:tasks:<user id>;"
                  " retention deletes whole tasks",
     "none": "Realtime does not carry task changes; retention deletes whole tasks",
