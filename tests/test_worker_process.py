@@ -93,6 +93,28 @@ def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
     assert any("released 5 unfinished tasks" in entry["message"] for entry in logs)
 
 
+def test_sigterm_while_the_last_polls_finish_together_exits_as_soon_as_they_are_recorded(
+        conn, database_url, remote, workers) -> None:
+    """The last polls end a few milliseconds apart, after SIGTERM: the recorder, still
+    gathering the first into a batch when the second ends and the drain begins, records
+    both and the worker exits then, not after the grace for recording runs out."""
+    apart = [remote.script(f"/apart/{i}", Reply(delay=1 + 0.003 * i, json={"status": "done"}))
+             for i in range(4)]
+    insert_tasks(conn, apart)
+    process = start_worker_process(database_url, "--log-format", "json",
+                                   TASKMAN_SHUTDOWN_GRACE="3", **PATIENT)
+    workers.append(process)
+    wait_until(lambda: all(remote.hits(f"/apart/{i}") for i in range(4)))
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
+    assert time.monotonic() - signalled < 1 + 1.5
+
+    assert count_status(conn, "completed") == 4
+    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    assert not [e for e in logs if e["level"] in ("warning", "error")], logs
+
+
 def test_tasks_held_ready_for_a_slot_never_exceed_the_concurrency_and_go_back_at_sigterm(
         conn, database_url, remote, workers) -> None:
     """The worker claims up to half its slots' worth beyond its free slots (so a freed

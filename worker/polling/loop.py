@@ -428,18 +428,20 @@ class Worker:
     async def _record_loop(self) -> None:
         """Write finished polls in batches until drained at shutdown."""
         while True:
-            await self._outcome_added.wait()
-            if not self._outcomes and self._draining:
-                return
+            if not self._outcomes:
+                if self._draining:
+                    return
+                # Cleared only while nothing waits: an outcome added (or the drain begun)
+                # at any later point sets it again, so no wakeup is lost.
+                self._outcome_added.clear()
+                await self._outcome_added.wait()
+                continue
             if self._polling and len(self._outcomes) < RECORD_BATCH and not self._draining:
                 await asyncio.sleep(RECORD_DELAY_SECONDS)  # let running polls join the batch
             batch = self._outcomes[:RECORD_BATCH]
             del self._outcomes[:RECORD_BATCH]
-            if not self._outcomes:
-                self._outcome_added.clear()
-            if batch:
-                await self._record(batch)
-                self._wake_for(batch)
+            await self._record(batch)
+            self._wake_for(batch)
 
     def _wake_for(self, batch: list[PollOutcome]) -> None:
         """Wake the claimer if a task just recorded may fall due before it would wake.
