@@ -6,7 +6,8 @@
 (b) drain of 20k tasks completing on their first poll: Taskman, pgqueuer's no-op drain
     (its own dequeue and log_jobs statements, batches of 100) and the bare loop, in
     turns of 10 batches;
-(c) create_task one call at a time against pgqueuer's enqueue one job at a time;
+(c) create_task one call at a time against pgqueuer's enqueue one job at a time, in
+    turns of 150 calls;
 (d) WAL bytes per no-change poll, Taskman and bare.
 
     python -m bench.hot_path [--live 2000] [--seconds 5] [--drain 20000] [--creates 3000]
@@ -123,32 +124,54 @@ class _PgqueuerDrain:
         self._loop.close()
 
 
-async def _pgqueuer(url: str, creates: int) -> float:
-    """Enqueue jobs/s for pgqueuer on its own database (installed here)."""
-    from pgqueuer.db import PsycopgDriver
-    from pgqueuer.queries import Queries
+class _PgqueuerEnqueue:
+    """pgqueuer's enqueue of one job at a time, on its own database (installed here)."""
 
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        pq = Queries(PsycopgDriver(conn))
-        await pq.install()
-        for _ in range(200):
-            await pq.enqueue("noop", None)
-        started = time.perf_counter()
-        for i in range(creates):
-            await pq.enqueue("noop", str(i).encode())
-        enqueue_rate = creates / (time.perf_counter() - started)
-        await pq.clear_queue()
-    return enqueue_rate
+    def __init__(self, url: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._open(url))
+
+    async def _open(self, url: str) -> None:
+        from pgqueuer.db import PsycopgDriver
+        from pgqueuer.queries import Queries
+
+        self._conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        self._pq = Queries(PsycopgDriver(self._conn))
+        await self._pq.install()
+
+    async def _enqueue(self, numbers: range) -> None:
+        for i in numbers:
+            await self._pq.enqueue("noop", str(i).encode())
+
+    def calls(self, numbers: range) -> None:
+        self._loop.run_until_complete(self._enqueue(numbers))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._pq.clear_queue())
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
 
 
-def _create_rate(conn: psycopg.Connection, count: int) -> float:
-    statement = "select taskman.create_task(poll_url => %s)"
-    for i in range(200):
-        conn.execute(statement, (f"https://api.example.com/warm/{i}",))
-    started = time.perf_counter()
-    for i in range(count):
-        conn.execute(statement, (f"https://api.example.com/c/{i}",))
-    return count / (time.perf_counter() - started)
+def _taskman_creates(conn: psycopg.Connection, numbers: range) -> None:
+    for i in numbers:
+        conn.execute("select taskman.create_task(poll_url => %s)",
+                     (f"https://api.example.com/c/{i}",))
+
+
+def _creates(calls: dict[str, Callable[[range], None]], count: int,
+             slices: int = 20) -> dict[str, float]:
+    """Calls/s of each, one call at a time, taking turns of `count / slices` calls after
+    a warm-up of 200 (on a shared machine, all then see the same load)."""
+    for call in calls.values():
+        call(range(-200, 0))
+    elapsed = dict.fromkeys(calls, 0.0)
+    step = max(1, count // slices)
+    for start in range(0, count, step):
+        for name, call in calls.items():
+            began = time.perf_counter()
+            call(range(start, min(start + step, count)))
+            elapsed[name] += time.perf_counter() - began
+    return {name: count / elapsed[name] for name in calls}
 
 
 def main() -> None:
@@ -184,7 +207,7 @@ def main() -> None:
                                              "count": args.drain})
         conn.execute(q["bare_fill"], {"count": args.drain})
         conn.execute("vacuum analyze")
-        pgq_enqueue = asyncio.run(_pgqueuer(urls["bench_pgqueuer"], args.creates))
+        enqueue = _PgqueuerEnqueue(urls["bench_pgqueuer"])  # installs pgqueuer
         pgqueuer = _PgqueuerDrain(urls["bench_pgqueuer"], args.drain)
         try:
             drains = _drains({"taskman": lambda: _taskman_cycle(conn, "completed"),
@@ -194,8 +217,13 @@ def main() -> None:
             pgqueuer.close()
         taskman_drain, pgq_drain, bare_drain = (drains["taskman"], drains["pgqueuer"],
                                                 drains["bare"])
-        with psycopg.connect(urls["bench_create"], autocommit=True) as create_conn:
-            create_rate = _create_rate(create_conn, args.creates)
+        try:
+            with psycopg.connect(urls["bench_create"], autocommit=True) as create_conn:
+                creates = _creates({"taskman": lambda n: _taskman_creates(create_conn, n),
+                                    "pgqueuer": enqueue.calls}, args.creates)
+        finally:
+            enqueue.close()
+        create_rate, pgq_enqueue = creates["taskman"], creates["pgqueuer"]
 
     print(f"Hot path, one durable server, one connection each, batches of {BATCH}")
     print(f"(a) steady no-change polls, {args.live:,} live tasks, {args.seconds:.0f}s each:")
