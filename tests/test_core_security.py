@@ -125,7 +125,8 @@ WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_ta
                     "release_tasks", "claim_outbox", "record_outbox_results", "release_outbox",
                     "prune_finished_tasks", "record_remote_cancellations", "admit_tasks",
                     "record_host_outcomes", "reset_host", "set_host_limits",
-                    "hold_callbacks", "realtime_mode", "set_realtime_mode"}
+                    "hold_callbacks", "realtime_mode", "set_realtime_mode",
+                    "claim_admitted_tasks", "record_polls"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
                   "task_json", "host_status"}
 
@@ -152,6 +153,8 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select taskman.release_tasks('w1')",
     "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
     "select * from taskman.admit_tasks('w1', '[]')",
+    "select * from taskman.claim_admitted_tasks('evil', 10, 60)",
+    "select taskman.record_polls('w1', '[]')",
     "select * from taskman.record_host_outcomes('w1', '[]')",
     "select * from taskman.hold_callbacks('w1', '[]')",
     "select taskman.reset_host('https://api.example.com:443')",

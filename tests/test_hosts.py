@@ -399,3 +399,71 @@ def test_upgrading_a_database_with_tasks_keys_their_schedules_by_host(server_url
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f"drop database if exists {name} with (force)")
+
+
+def test_the_one_statement_claim_and_record_hold_back_what_the_host_table_says(conn) -> None:
+    """The worker's claim and record (one statement each) as the two statements did: a
+    rate-limited host's tasks past its slot come back held, their leases released; a
+    failed poll whose host is open is not recorded; another host's task goes and
+    completes."""
+    down, up = "https://down.example.com:443", "https://up.example.com:443"
+    conn.execute("select taskman.set_host_limits(%s)", (json.dumps({down: 0.01}),))
+    down_ids = {str(create_task(conn, poll_url=f"{down}/jobs/{i}")["task_id"]) for i in range(3)}
+    other = str(create_task(conn, poll_url=f"{up}/jobs/1")["task_id"])
+
+    claimed = {str(r["task_id"]): r["held"] for r in conn.execute(
+        "select task_id, held from taskman.claim_admitted_tasks('w1', 100, 60, 60, 60)")}
+    assert set(claimed) == down_ids | {other}
+    [sent] = [t for t in down_ids if not claimed[t]]  # one slot now, the others later
+    assert not claimed[other]
+    assert [schedule_row(conn, t)["lease_owner"] for t in sorted(down_ids - {sent})] == [None] * 2
+    assert schedule_row(conn, sent)["lease_owner"] == "w1"
+
+    opened = [{"task_id": t, "host": down, "result": "failure"} for t in down_ids - {sent}] * 2
+    conn.execute("select taskman.record_host_outcomes('w1', %s, 3, 60, 60)", (json.dumps(opened),))
+    outcomes = [{"task_id": other, "worker_id": "w1", "ok": True, "status": "completed",
+                 "http_status": 200},
+                {"task_id": sent, "worker_id": "w1", "ok": False, "reason": "timeout"}]
+    reports = [{"task_id": other, "host": up, "result": "success"},
+               {"task_id": sent, "host": down, "result": "failure", "error": "timeout"}]
+    recorded = conn.execute("select taskman.record_polls('w1', %s, %s, 3, 60, 60) as n",
+                            (json.dumps(outcomes), json.dumps(reports))).fetchone()["n"]
+    assert recorded == 1
+    assert task_row(conn, other)["status"] == "completed"
+    assert schedule_row(conn, sent)["error_count"] == 0  # held by its host: no budget spent
+    assert schedule_row(conn, sent)["lease_owner"] is None
+
+
+def test_upgrading_to_the_one_statement_cycle_keeps_leases_and_tasks(server_url,
+                                                                     tmp_path) -> None:
+    """A task claimed by a worker of before the upgrade is recorded by one after it; the
+    other tasks are claimed by the new function."""
+    before = [m for m in sorted(MIGRATIONS_DIR.glob("*.sql")) if m.name < "20261201001900"]
+    for migration in before:
+        (tmp_path / migration.name).symlink_to(migration)
+    name = f"taskman_cycle_upgrade_{time.monotonic_ns()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"create database {name}")
+    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+    try:
+        migrate(url, tmp_path)
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            leased = str(create_task(conn, poll_url="https://api.example.com/1")["task_id"])
+            conn.execute("select * from taskman.claim_due_tasks('old', 10, 60)")
+            due = str(create_task(conn, poll_url="https://api.example.com/2")["task_id"])
+        assert [m.version for m in migrate(url)] == ["20261201001900"]
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            claimed = [(str(r["task_id"]), r["held"]) for r in conn.execute(
+                "select task_id, held from taskman.claim_admitted_tasks('new', 10, 60)")]
+            assert claimed == [(due, False)]
+            outcomes = [{"task_id": leased, "worker_id": "old", "ok": True,
+                         "status": "completed", "http_status": 200},
+                        {"task_id": due, "worker_id": "new", "ok": True,
+                         "status": "in_progress", "http_status": 200}]
+            assert conn.execute("select taskman.record_polls('old', %s) as n",
+                                (json.dumps(outcomes),)).fetchone()["n"] == 2
+            assert task_row(conn, leased)["status"] == "completed"
+            assert task_row(conn, due)["status"] == "in_progress"
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"drop database if exists {name} with (force)")

@@ -133,7 +133,7 @@ class TaskReport(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class ClaimedTask:
-    """A task a worker claimed, with what polling it needs (``claim_due_tasks``).
+    """A task a worker claimed, with what polling it needs (``claim_admitted_tasks``).
 
     `poll_body` and `profile` stay JSON text: the body is sent as is, and the profile
     text is the key under which its compiled form is cached.
@@ -155,6 +155,9 @@ class ClaimedTask:
     submit_headers: dict[str, str] | None = None
     submit_body: str | None = None
     callback_token: str | None = None
+    # Its host holds it back (a circuit open, a pause, a rate limit): it is back in the
+    # schedule, not to be sent.
+    held: bool = False
 
     @property
     def request_url(self) -> str:

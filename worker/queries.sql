@@ -181,18 +181,23 @@ select taskman.release_outbox(%(worker_id)s::text, %(only_channel)s::text) as re
 
 -- The polling service (worker.polling): claim, record, sweep, release, and when to wake.
 
--- name: claim_due_tasks
+-- name: claim_admitted_tasks
 -- poll_body, submit_body and profile come as JSON text: bodies are sent as is, and
 -- the profile text keys the worker's cache of compiled profiles.
 select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_body,
        profile::text as profile, attempt_count, error_count, poll_interval_seconds,
        submit_url, submit_method, submit_headers, submit_body::text as submit_body,
-       callback_token
-from taskman.claim_due_tasks(%(worker_id)s::text, %(batch_size)s::integer,
-                            %(lease_seconds)s::integer)
+       callback_token, held
+from taskman.claim_admitted_tasks(%(worker_id)s::text, %(batch_size)s::integer,
+                                  %(lease_seconds)s::integer, %(cooldown_seconds)s::float8,
+                                  %(max_cooldown_seconds)s::float8, %(spread_seconds)s::float8)
 
--- name: record_poll_results
-select count(*) as recorded from taskman.record_poll_results(%(results)s::jsonb)
+-- name: record_polls
+-- The results as JSON text, serialised by the worker one outcome at a time.
+select taskman.record_polls(%(worker_id)s::text, %(results)s::jsonb, %(host_outcomes)s::jsonb,
+                            %(failure_threshold)s::integer, %(cooldown_seconds)s::float8,
+                            %(max_cooldown_seconds)s::float8, %(spread_seconds)s::float8)
+  as recorded
 
 -- name: record_remote_cancellations
 select taskman.record_remote_cancellations(%(results)s::jsonb) as cancelled
@@ -262,12 +267,6 @@ from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::
 
 -- Remote hosts (worker.polling.hosts): the gate after each claim, what polls say about
 -- their hosts, limits, the overview (edge, CLI) and per-host metrics.
-
--- name: admit_tasks
--- The requests as JSON text: one parameter, however many tasks.
-select held::text
-from taskman.admit_tasks(%(worker_id)s::text, %(requests)s::jsonb, %(cooldown_seconds)s::float8,
-                         %(max_cooldown_seconds)s::float8, %(spread_seconds)s::float8) as held
 
 -- name: record_host_outcomes
 select held::text

@@ -246,19 +246,34 @@ async def task_changes(conn: psycopg.AsyncConnection[Any], *, after: int,
         return await cur.fetchall()
 
 
-async def claim_due_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
-                          batch_size: int, lease_seconds: int) -> list[ClaimedTask]:
+async def claim_admitted_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
+                               batch_size: int, lease_seconds: int, *, cooldown_seconds: float,
+                               max_cooldown_seconds: float,
+                               spread_seconds: float) -> list[ClaimedTask]:
+    """Claim up to `batch_size` due tasks and admit them to their hosts, in one statement:
+    every claimed task in claim order, ``held`` set on those their hosts hold back (they
+    are back in the schedule, not to be sent)."""
     async with conn.cursor(row_factory=class_row(ClaimedTask)) as cur:
-        await cur.execute(_q("claim_due_tasks"), {
-            "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds})
+        await cur.execute(_q("claim_admitted_tasks"), {
+            "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds,
+            "cooldown_seconds": cooldown_seconds, "max_cooldown_seconds": max_cooldown_seconds,
+            "spread_seconds": spread_seconds})
         return await cur.fetchall()
 
 
-async def record_poll_results(conn: psycopg.AsyncConnection[Any], outcomes_json: str) -> int:
-    """Write a batch of poll outcomes (a JSON array of PollOutcome, serialised by the caller
-    one by one so that one that cannot be written out fails alone); returns how many
-    were recorded."""
-    return int(await _ascalar(conn, "record_poll_results", {"results": outcomes_json}))
+async def record_polls(conn: psycopg.AsyncConnection[Any], worker_id: str, results_json: str,
+                       host_outcomes: Sequence[Row], *, failure_threshold: int,
+                       cooldown_seconds: float, max_cooldown_seconds: float,
+                       spread_seconds: float) -> int:
+    """Record what a batch of requests says about their hosts, then its poll outcomes (a
+    JSON array of PollOutcome, serialised by the caller one by one so that one that
+    cannot be written out fails alone), in one statement; failed polls their hosts hold
+    back are not recorded. Returns how many outcomes were."""
+    return int(await _ascalar(conn, "record_polls", {
+        "worker_id": worker_id, "results": results_json,
+        "host_outcomes": db.json_arg(list(host_outcomes)),
+        "failure_threshold": failure_threshold, "cooldown_seconds": cooldown_seconds,
+        "max_cooldown_seconds": max_cooldown_seconds, "spread_seconds": spread_seconds}))
 
 
 async def record_remote_cancellations(conn: psycopg.AsyncConnection[Any],
@@ -328,19 +343,6 @@ async def release_outbox(conn: psycopg.AsyncConnection[Any], worker_id: str, *,
 
 
 # --- remote hosts ---------------------------------------------------------------------------
-
-
-async def admit_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
-                      tasks: Sequence[tuple[str, str | None]], *, cooldown_seconds: float,
-                      max_cooldown_seconds: float, spread_seconds: float) -> set[str]:
-    """Of claimed ``(task_id, host)`` pairs, the task ids their hosts hold back (now
-    back in the schedule); the others may be sent."""
-    requests = json.dumps([{"task_id": t, "host": h} for t, h in tasks])
-    async with conn.cursor(row_factory=scalar_row) as cur:
-        await cur.execute(_q("admit_tasks"), {
-            "worker_id": worker_id, "requests": requests, "cooldown_seconds": cooldown_seconds,
-            "max_cooldown_seconds": max_cooldown_seconds, "spread_seconds": spread_seconds})
-        return set(await cur.fetchall())
 
 
 async def callback_host_states(conn: psycopg.AsyncConnection[Any]) -> dict[str, bool]:

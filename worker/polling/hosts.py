@@ -2,7 +2,8 @@
 each batch of outcomes (circuit breaker, Retry-After pauses, rate limits).
 
 The state lives in ``taskman_private.hosts``; each call here is one statement for a
-whole batch, made in the transaction of the claim or of the record it goes with.
+whole batch: the claim and the record of polls include the host table's side, and a
+report goes in the transaction of the record it goes with.
 Polls and submits both go through it: a claimed task's request is to its submit URL
 until the submit worked, then to its poll URL.
 """
@@ -10,7 +11,7 @@ until the submit worked, then to its poll URL.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import psycopg
@@ -18,7 +19,6 @@ import psycopg
 from worker import store
 from worker.config import Settings
 from worker.domain import ClaimedTask
-from worker.remote.host_keys import host_key
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,25 @@ class HostGate:
                 "max_cooldown_seconds": s.host_max_cooldown_seconds,
                 "spread_seconds": s.host_resume_spread_seconds}
 
-    async def admit_tasks(self, conn: psycopg.AsyncConnection[Any],
-                          claimed: Sequence[ClaimedTask]) -> list[ClaimedTask]:
-        """The claimed tasks to send now (each to its submit or poll URL's host); the others
-        went back to the schedule for when their hosts have room. The first call applies
+    async def claim(self, conn: psycopg.AsyncConnection[Any], batch_size: int,
+                    lease_seconds: int) -> list[ClaimedTask]:
+        """Claim up to `batch_size` due tasks, each admitted by the host of its submit or
+        poll URL, in one statement: every claimed task, ``held`` set on those that went
+        back to the schedule for when their hosts have room. The first call applies
         TASKMAN_HOST_RATE_LIMITS."""
         await self._apply_limits(conn)
-        if not claimed:
-            return []
-        held = await self.hold(conn, [(str(t.task_id), host_key(t.request_url))
-                                      for t in claimed])
-        return [t for t in claimed if str(t.task_id) not in held]
+        return await store.claim_admitted_tasks(conn, self.worker_id, batch_size,
+                                                lease_seconds, **self._timing())
 
-    async def hold(self, conn: psycopg.AsyncConnection[Any],
-                   requests: Sequence[tuple[str, str | None]]) -> set[str]:
-        """Of ``(task_id, host)`` pairs about to be sent (tasks this worker leases), the
-        task ids their hosts hold back: they are back in the schedule, not to be sent."""
-        await self._apply_limits(conn)
-        return await store.admit_tasks(conn, self.worker_id, requests, **self._timing())
+    async def record(self, conn: psycopg.AsyncConnection[Any],
+                     outcomes: Iterable[Mapping[str, Any]], results_json: str) -> int:
+        """Record what `outcomes` say about their hosts and `results_json` (those of them
+        that are polls, serialised), in one statement; failed polls held back because
+        their host is open or paused go back to the schedule unrecorded (they do not
+        spend their tasks' error budgets). Returns how many results were recorded."""
+        return await store.record_polls(
+            conn, self.worker_id, results_json, self._reports(outcomes),
+            failure_threshold=self.settings.host_failure_threshold, **self._timing())
 
     async def _apply_limits(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """TASKMAN_HOST_RATE_LIMITS into the host table, once per worker."""
@@ -91,6 +92,17 @@ class HostGate:
         requests held back because their host is open or paused: they go back to the
         schedule, and must not be recorded (they do not spend their task's error
         budget)."""
+        reports = self._reports(outcomes)
+        if not reports:
+            return set()
+        return await store.record_host_outcomes(
+            conn, self.worker_id, reports,
+            failure_threshold=self.settings.host_failure_threshold, **self._timing())
+
+    @staticmethod
+    def _reports(outcomes: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """What `outcomes` tell the host table: every failure, and per host the last
+        success (only it says that the failures before it are not consecutive)."""
         reports = []
         for outcome in outcomes:
             verdict = host_verdict(outcome)
@@ -101,16 +113,9 @@ class HostGate:
                             "result": verdict,
                             "error": _error(outcome) if verdict == "failure" else None,
                             "retry_after_seconds": outcome.get("retry_after_seconds")})
-        # Of a host's successes only the last one tells the database anything (that the
-        # failures before it are not consecutive): a healthy batch sends a row per host.
         last_success = {r["host"]: i for i, r in enumerate(reports) if r["result"] == "success"}
-        reports = [r for i, r in enumerate(reports)
-                   if r["result"] == "failure" or last_success[r["host"]] == i]
-        if not reports:
-            return set()
-        return await store.record_host_outcomes(
-            conn, self.worker_id, reports,
-            failure_threshold=self.settings.host_failure_threshold, **self._timing())
+        return [r for i, r in enumerate(reports)
+                if r["result"] == "failure" or last_success[r["host"]] == i]
 
 
 def _error(outcome: Mapping[str, Any]) -> str:

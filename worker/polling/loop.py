@@ -302,12 +302,10 @@ class Worker:
     async def _claim(self, batch_size: int) -> list[ClaimedTask]:
         started = time.perf_counter()
         lease_ends = time.monotonic() + self.settings.lease_seconds  # no later than the DB's
-        async with self._pool.connection() as conn, conn.transaction():
-            claimed = await store.claim_due_tasks(conn, self.worker_id, batch_size,
-                                                  self.settings.lease_seconds)
-            admitted = await self._gate.admit_tasks(conn, claimed)
+        async with self._pool.connection() as conn:
+            claimed = await self._gate.claim(conn, batch_size, self.settings.lease_seconds)
         self.metrics.claim_latency.observe(time.perf_counter() - started)
-        self._ready.extend((task, lease_ends) for task in admitted)
+        self._ready.extend((task, lease_ends) for task in claimed if not task.held)
         self._start_ready()
         return claimed
 
@@ -487,15 +485,17 @@ class Worker:
 
     async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
-        async with self._pool.connection() as conn, conn.transaction():
-            held = await self._gate.report(conn, batch)
-            kept = [o for o in batch if o["task_id"] not in held]
-            polled = [self._serialized(o) for o in kept if o.get("status") != "cancelled"]
-            cancelled = [self._serialized(o) for o in kept if o.get("status") == "cancelled"]
-            if polled:
-                await store.record_poll_results(conn, "[" + ",".join(polled) + "]")
-            if cancelled:  # rare: a second statement only for batches that have one
-                await store.record_remote_cancellations(conn, "[" + ",".join(cancelled) + "]")
+        polled = "[" + ",".join(self._serialized(o) for o in batch
+                                if o.get("status") != "cancelled") + "]"
+        # A remote's "cancelled" is an answer: its host never holds it back.
+        cancelled = [self._serialized(o) for o in batch if o.get("status") == "cancelled"]
+        async with self._pool.connection() as conn:
+            if not cancelled:
+                await self._gate.record(conn, batch, polled)
+            else:  # rare: a second statement, in one transaction with the first
+                async with conn.transaction():
+                    await self._gate.record(conn, batch, polled)
+                    await store.record_remote_cancellations(conn, "[" + ",".join(cancelled) + "]")
         self.metrics.record_latency.observe(time.perf_counter() - started)
 
     def _serialized(self, outcome: PollOutcome) -> str:

@@ -41,7 +41,7 @@ class WorkerMetrics:
         )
         self.claim_latency = Histogram(
             "taskman_worker_claim_duration_seconds",
-            "Time of one claim_due_tasks round trip.",
+            "Time of one claim round trip (claim_admitted_tasks).",
             buckets=_DB_BUCKETS,
             registry=self.registry,
         )
