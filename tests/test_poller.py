@@ -215,6 +215,33 @@ def test_a_redirect_to_another_origin_drops_the_tasks_headers(remote) -> None:
     assert "Authorization" not in hit.headers
 
 
+def test_a_cookie_one_tasks_remote_sets_is_never_sent_for_another_task(remote) -> None:
+    """Polls share one session: a cookie kept there would go with every later request to
+    that host, whoever's task it is."""
+    remote.script("/a", Reply(json={"status": "running"},
+                              headers={"Set-Cookie": "session=of-task-a; Path=/"}))
+    remote.script("/b", Reply(json={"status": "running"}))
+    # By name: cookies are not kept for an IP address.
+    first, second = remote.url("/a", host="localhost"), remote.url("/b", host="localhost")
+    settings = worker_settings("postgresql://unused")
+
+    def task(url: str) -> ClaimedTask:
+        return ClaimedTask(task_id=uuid.uuid4(), poll_url=url, poll_method="GET",
+                           poll_headers={}, poll_body=None, profile=GENERIC, attempt_count=0,
+                           error_count=0, poll_interval_seconds=10)
+
+    async def both() -> None:
+        async with make_session(settings) as session:
+            poller = Poller(session, settings, "w1")
+            await poller.poll(task(first))
+            await poller.poll(task(second))
+            await poller.poll(task(first))
+
+    asyncio.run(both())
+    assert remote.hits("/a")[0].status == 200
+    assert ["Cookie" in hit.headers for hit in remote.hits("/b") + remote.hits("/a")] == [False] * 3
+
+
 @pytest.mark.parametrize("host", ["a..example", "x" * 64 + ".example", ".example"])
 def test_a_host_name_no_resolver_can_encode_fails_its_task(host) -> None:
     outcome = poll(f"http://{host}/status", TASKMAN_ALLOW_PRIVATE_NETWORKS="false")

@@ -177,8 +177,10 @@ def guarded_session(
 
     At most `limit` connections at a time; certificates verified against certifi's CAs (as
     httpx did); no proxy or .netrc from the environment; bodies are not decompressed by
-    aiohttp (worker.remote.bodies does it within the size cap). `resolver` replaces the
-    system's lookups (tests). Needs a running event loop.
+    aiohttp (worker.remote.bodies does it within the size cap); no cookies kept (a
+    session serves every user's tasks: a cookie one remote set would go with the next
+    request to that host, whoever's task it is). `resolver` replaces the system's lookups
+    (tests). Needs a running event loop.
     """
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, ssl=_tls_context(),
@@ -187,6 +189,7 @@ def guarded_session(
     return aiohttp.ClientSession(
         connector=connector, timeout=timeout or aiohttp.ClientTimeout(total=30),
         headers=headers, trust_env=False, auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         middlewares=(_policy_middleware(policy),), **kwargs,
     )
 
