@@ -7,6 +7,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,7 +21,7 @@ from tests.remote_api import RemoteAPI, remote_api
 from worker import db
 from worker.devtools.pgbouncer import PgBouncer, find_pgbouncer
 from worker.devtools.pgcluster import Cluster, default_bin_dir
-from worker.migrate import migrate
+from worker.migrate import MIGRATIONS_DIR, migrate
 
 TEMPLATE = "taskman_template"
 _counter = itertools.count()
@@ -32,6 +33,28 @@ def _with_database(url: str, database: str, user: str | None = None) -> str:
     if user is not None:
         netloc = f"{user}@{netloc.rpartition('@')[2]}"
     return urlunsplit(parts._replace(path=f"/{database}", netloc=netloc))
+
+
+@contextmanager
+def database_before(server_url: str, version: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of a new database with the migrations older than `version` applied (as a
+    deployed database would have them), dropped afterwards; ``migrate(url)`` upgrades it."""
+    previous = tmp_path / f"migrations_before_{version}"
+    previous.mkdir()
+    for migration in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        if migration.name < version:
+            (previous / migration.name).symlink_to(migration)
+    name = f"taskman_before_{version}_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"drop database if exists {name} with (force)")
+        admin.execute(f"create database {name}")
+    url = _with_database(server_url, name)
+    try:
+        migrate(url, previous)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"drop database if exists {name} with (force)")
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.rows import dict_row
 
+from tests.conftest import database_before
 from tests.factories import create_task, events, schedule_row, task_row
 from tests.remote_api import Reply, remote_api, start_receiver
 from tests.test_outbox import dispatch, end_task, make_settings
 from tests.worker_harness import running_worker, start_worker_process, wait_until
-from worker.migrate import MIGRATIONS_DIR, migrate
+from worker.migrate import migrate
 from worker.remote.host_keys import host_key, parse_rate_limits
 
 DONE = Reply(json={"status": "done", "result": {"ok": True}})
@@ -371,15 +372,7 @@ def test_gating_and_holding_tasks_write_nothing_subscribers_receive(
 
 def test_upgrading_a_database_with_tasks_keys_their_schedules_by_host(server_url,
                                                                      tmp_path) -> None:
-    before = [m for m in sorted(MIGRATIONS_DIR.glob("*.sql")) if m.name < "20261201001200"]
-    for migration in before:
-        (tmp_path / migration.name).symlink_to(migration)
-    name = f"taskman_hosts_upgrade_{time.monotonic_ns()}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"create database {name}")
-    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
-    try:
-        migrate(url, tmp_path)
+    with database_before(server_url, "20261201001200", tmp_path) as url:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             live = create_task(conn, poll_url="https://API.example.com/jobs/1")["task_id"]
             waiting = create_task(conn, poll_url=None, task_type="callback")["task_id"]
@@ -396,9 +389,6 @@ def test_upgrading_a_database_with_tasks_keys_their_schedules_by_host(server_url
             assert schedule_row(conn, waiting)["host"] == "https://new.example.com:443"
             [alert] = conn.execute("select channel, payload from taskman_private.outbox").fetchall()
             assert alert["channel"] == "slack"  # the failed task's alert, as before
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f"drop database if exists {name} with (force)")
 
 
 def test_the_one_statement_claim_and_record_hold_back_what_the_host_table_says(conn) -> None:
@@ -438,15 +428,7 @@ def test_upgrading_to_the_one_statement_cycle_keeps_leases_and_tasks(server_url,
                                                                      tmp_path) -> None:
     """A task claimed by a worker of before the upgrade is recorded by one after it; the
     other tasks are claimed by the new function."""
-    before = [m for m in sorted(MIGRATIONS_DIR.glob("*.sql")) if m.name < "20261201001900"]
-    for migration in before:
-        (tmp_path / migration.name).symlink_to(migration)
-    name = f"taskman_cycle_upgrade_{time.monotonic_ns()}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"create database {name}")
-    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
-    try:
-        migrate(url, tmp_path)
+    with database_before(server_url, "20261201001900", tmp_path) as url:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             leased = str(create_task(conn, poll_url="https://api.example.com/1")["task_id"])
             conn.execute("select * from taskman.claim_due_tasks('old', 10, 60)")
@@ -464,6 +446,3 @@ def test_upgrading_to_the_one_statement_cycle_keeps_leases_and_tasks(server_url,
                                 (json.dumps(outcomes),)).fetchone()["n"] == 2
             assert task_row(conn, leased)["status"] == "completed"
             assert task_row(conn, due)["status"] == "in_progress"
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f"drop database if exists {name} with (force)")

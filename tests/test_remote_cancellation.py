@@ -4,16 +4,16 @@ no failure alert, the completion callback as for any end; only the lease holder 
 from __future__ import annotations
 
 import json
-import uuid
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.conftest import database_before
 from tests.factories import create_task, events, schedule_row, task_row
 from tests.remote_api import Reply
 from tests.worker_harness import running_worker, wait_until
-from worker.migrate import MIGRATIONS_DIR, migrate
+from worker.migrate import migrate
 
 NEUTRAL = "The remote job was cancelled."
 
@@ -105,32 +105,18 @@ def test_the_upgrade_keeps_operator_profiles_and_live_tasks(server_url, tmp_path
     """A database at the previous migration, with an operator's profile and a live task
     using it, upgrades: the profile reads as before (no cancelled values), Celery's REVOKED
     moves from failed to cancelled, the task keeps its config."""
-    previous = tmp_path / "migrations"
-    previous.mkdir()
-    mine = "20261201001000_celery_and_policy.sql"
-    for sql in sorted(MIGRATIONS_DIR.glob("*.sql")):
-        if sql.name < mine:
-            (previous / sql.name).write_text(sql.read_text())
-    name = f"upgrade_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"create database {name}")
-    url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
-    try:
-        migrate(url, previous)
-        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            conn.execute("insert into taskman.response_profiles (name, status_path, "
-                         "completed_values, failed_values) values "
-                         "('acme', 'phase', '{DONE}', '{BROKEN}')")
-            task_id = create_task(conn, poll_config={"profile": "acme"})["task_id"]
-            assert "celery_and_policy" in [m.name for m in migrate(url)]
-            profiles = {r["name"]: r for r in conn.execute(
-                "select name, failed_values, cancelled_values from taskman.response_profiles")}
-            assert (profiles["acme"]["failed_values"], profiles["acme"]["cancelled_values"]) == (
-                ["BROKEN"], [])
-            assert (profiles["celery"]["failed_values"],
-                    profiles["celery"]["cancelled_values"]) == (["FAILURE"], ["REVOKED"])
-            row = task_row(conn, task_id)
-            assert (row["status"], row["poll_config"]) == ("pending", {"profile": "acme"})
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f"drop database if exists {name} with (force)")
+    with database_before(server_url, "20261201001000", tmp_path) as url, \
+            psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("insert into taskman.response_profiles (name, status_path, "
+                     "completed_values, failed_values) values "
+                     "('acme', 'phase', '{DONE}', '{BROKEN}')")
+        task_id = create_task(conn, poll_config={"profile": "acme"})["task_id"]
+        assert "celery_and_policy" in [m.name for m in migrate(url)]
+        profiles = {r["name"]: r for r in conn.execute(
+            "select name, failed_values, cancelled_values from taskman.response_profiles")}
+        assert (profiles["acme"]["failed_values"], profiles["acme"]["cancelled_values"]) == (
+            ["BROKEN"], [])
+        assert (profiles["celery"]["failed_values"],
+                profiles["celery"]["cancelled_values"]) == (["FAILURE"], ["REVOKED"])
+        row = task_row(conn, task_id)
+        assert (row["status"], row["poll_config"]) == ("pending", {"profile": "acme"})
