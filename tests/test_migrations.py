@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import psycopg
 import pytest
 
-from tests.conftest import _with_database
+from tests.conftest import database_before
 from worker.migrate import COMPAT_SQL, list_migrations, migrate
 
 
@@ -51,16 +48,7 @@ def test_a_failing_migration_leaves_nothing_half_applied(database_url: str, tmp_
 def test_the_submit_migration_upgrades_a_database_with_tasks_in_it(server_url: str,
                                                                    tmp_path) -> None:
     """Tasks made before submit, priority and heartbeats go on as before afterwards."""
-    name = f"taskman_upgrade_{os.getpid()}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"drop database if exists {name} with (force)")
-        admin.execute(f"create database {name}")
-    url = _with_database(server_url, name)
-    try:
-        for migration in list_migrations():
-            if migration.version < "20261201001100":
-                shutil.copy(migration.path, tmp_path)
-        migrate(url, tmp_path)
+    with database_before(server_url, "20261201001100", tmp_path) as url:
         with psycopg.connect(url, autocommit=True) as conn:
             polled = conn.execute(
                 "select taskman.create_task(poll_url => 'https://api.example.com/1',"
@@ -79,6 +67,3 @@ def test_the_submit_migration_upgrades_a_database_with_tasks_in_it(server_url: s
             new = conn.execute("select taskman.create_task(submit_url =>"
                                " 'https://api.example.com/jobs', priority => 3)").fetchone()[0]
             assert new["priority"] == 3 and new["submit_method"] == "POST"
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f"drop database if exists {name} with (force)")
