@@ -13,10 +13,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -25,6 +26,8 @@ import uvicorn
 from tests.factories import USER_A, events
 from tests.remote_api import RemoteAPI, start_receiver
 from tests.worker_harness import REPO, start_worker_process, wait_until
+
+T = TypeVar("T")
 
 # The user's Celery app, which the recipe imports as `jobs`.
 JOBS_MODULE = '''
@@ -78,6 +81,16 @@ class CeleryStack:
     jobs: ModuleType
     status_url: str
     worker: subprocess.Popen
+    log: Path
+
+    def wait_for_jobs(self, probe: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
+        """wait_until, and on failure what the Celery worker logged and whether it runs."""
+        try:
+            return wait_until(probe, timeout=timeout, interval=interval)
+        except AssertionError as exc:
+            state = "running" if self.worker.poll() is None else f"exited {self.worker.returncode}"
+            raise AssertionError(f"{exc}; Celery worker {state}, its log:\n"
+                                 f"{self.log.read_text()[-4000:]}") from None
 
 
 def _serve(app: Any) -> tuple[uvicorn.Server, threading.Thread, socket.socket, str]:
@@ -100,10 +113,13 @@ def celery_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CelerySta
     env = {**os.environ, "CELERY_TEST_DIR": str(base), "PYTHONPATH": str(base)}
     os.environ["CELERY_TEST_DIR"] = str(base)
     sys.path.insert(0, str(base))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "jobs", "worker", "--pool=solo",
-         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
-        cwd=base, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: a pipe nobody reads would block the worker once full.
+    log = base / "worker.log"
+    with log.open("wb") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "jobs", "worker", "--pool=solo",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
+            cwd=base, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         jobs = importlib.import_module("jobs")
         recipe = importlib.import_module("celery_status")
@@ -112,8 +128,8 @@ def celery_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CelerySta
             # The worker is up once it has run a job.
             probe = jobs.add.delay(0, 0)
             wait_until(lambda: probe.state == "SUCCESS" or worker.poll() is not None, 20)
-            assert worker.poll() is None, worker.stderr.read() if worker.stderr else ""
-            yield CeleryStack(jobs, url, worker)
+            assert worker.poll() is None, log.read_text()
+            yield CeleryStack(jobs, url, worker, log)
         finally:
             server.should_exit = True
             thread.join(10)
@@ -177,7 +193,7 @@ def test_taskman_tracks_real_celery_jobs_to_their_ends(
             done = all(r["status"] in ("completed", "failed", "cancelled") for r in rows.values())
             return rows if done else None
 
-        seen = wait_until(ended, timeout=25, interval=0.2)
+        seen = celery_stack.wait_for_jobs(ended, timeout=25, interval=0.2)
         wait_until(slack.hits, timeout=10)
         time.sleep(1.5)  # an alert for the revoked job would have gone out by now
     finally:
@@ -215,7 +231,7 @@ def test_taskman_tracks_real_celery_jobs_to_their_ends(
 def test_the_recipe_answers_every_state_as_json(celery_stack: CeleryStack) -> None:
     """Never a 500 (the old recipe's AsyncResult without app= answered 500 to every poll)."""
     job = celery_stack.jobs.explode.delay()
-    wait_until(lambda: job.state == "FAILURE", timeout=15)
+    celery_stack.wait_for_jobs(lambda: job.state == "FAILURE", timeout=15)
     answer = httpx.get(f"{celery_stack.status_url}/tasks/{job.id}", timeout=5)
     assert answer.status_code == 200
     body = answer.json()
