@@ -126,7 +126,7 @@ WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_ta
                     "prune_finished_tasks", "record_remote_cancellations", "admit_tasks",
                     "record_host_outcomes", "reset_host", "set_host_limits",
                     "hold_callbacks", "realtime_mode", "set_realtime_mode",
-                    "claim_admitted_tasks", "record_polls"}
+                    "claim_admitted_tasks", "record_polls", "prune_idle_hosts"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
                   "task_json", "host_status"}
 
@@ -152,6 +152,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select taskman.expire_overdue_tasks()",
     "select taskman.release_tasks('w1')",
     "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
+    "select * from taskman.prune_idle_hosts(interval '0', 10, false)",
     "select * from taskman.admit_tasks('w1', '[]')",
     "select * from taskman.claim_admitted_tasks('evil', 10, 60)",
     "select taskman.record_polls('w1', '[]')",

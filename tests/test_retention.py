@@ -1,6 +1,7 @@
 """Retention: finished tasks, their history and service-side rows go after the retention
 period, live tasks and undelivered notifications never do; while Supabase Realtime streams
-taskman.tasks the task rows stay."""
+taskman.tasks the task rows stay. Host rows with nothing to keep and delivered host
+alerts go after the same period."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import asyncio
 import json
 
 import psycopg
+import pytest
+from psycopg.rows import dict_row
 
+from tests.conftest import database_before
 from tests.factories import create_task, events, schedule_row, task_row
 from tests.supabase_realtime import emulate_supabase_realtime
 from tests.test_cli import taskman
 from tests.worker_harness import worker_settings
+from worker.migrate import migrate
 from worker.polling.retention import Retention
 
 
@@ -162,3 +167,129 @@ def test_a_task_another_transaction_holds_is_skipped_then_pruned(conn, database_
     done = taskman(database_url, "prune", "--older-than", "7d")
     assert done.stdout.startswith("pruned 1 finished tasks: 1 task rows")
     assert task_row(conn, task_id) is None
+
+
+def _host(conn, host: str, touched_ago: str, **state) -> None:
+    """A host row with `state` (column values), last changed `touched_ago`."""
+    names = ", ".join(["host", *state])
+    marks = ", ".join(["%s"] * (1 + len(state)))
+    conn.execute(f"insert into taskman_private.hosts ({names}, updated_at)"
+                 f" values ({marks}, now() - %s::interval)", [host, *state.values(), touched_ago])
+
+
+def _alert(conn, host: str, created_ago: str, *, delivered: bool = False,
+           given_up: bool = False) -> int:
+    """A Slack alert of `host`'s circuit (no task), created `created_ago`."""
+    conn.execute("select taskman_private.enqueue_host_alert(%s, 'opened')", (host,))
+    return conn.execute(
+        "update taskman_private.outbox set created_at = now() - %(ago)s::interval,"
+        " delivered_at = case when %(delivered)s then now() - %(ago)s::interval end,"
+        " given_up_at = case when %(given_up)s then now() - %(ago)s::interval end"
+        " where outbox_id = (select max(outbox_id) from taskman_private.outbox)"
+        " returning outbox_id",
+        {"ago": created_ago, "delivered": delivered, "given_up": given_up}).fetchone()["outbox_id"]
+
+
+def _hosts_left(conn) -> set[str]:
+    return {r["host"] for r in conn.execute("select host from taskman_private.hosts")}
+
+
+def _outbox_left(conn) -> set[int]:
+    return {r["outbox_id"] for r in conn.execute("select outbox_id from taskman_private.outbox")}
+
+
+def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_delivered_alerts(
+        conn, database_url) -> None:
+    # Made as the worker makes it: a failed poll reported, then the host answering again.
+    conn.execute("select * from taskman.record_host_outcomes('w1', %s)", (json.dumps(
+        [{"host": "https://flaky.example.com:443", "result": "failure", "error": "timeout"},
+         {"host": "https://flaky.example.com:443", "result": "success"}]),))
+    conn.execute("update taskman_private.hosts set updated_at = now() - interval '10 days'")
+    _host(conn, "https://open.example.com:443", "10 days", state="open")
+    _host(conn, "https://limited.example.com:443", "10 days", rate_limit=2.0)
+    _host(conn, "https://paused.example.com:443", "10 days",
+          paused_until="infinity")
+    _host(conn, "https://recent.example.com:443", "1 day")
+    old_delivered = _alert(conn, "https://open.example.com:443", "10 days", delivered=True)
+    kept_alerts = {_alert(conn, "https://open.example.com:443", "1 day", delivered=True),
+                   _alert(conn, "https://open.example.com:443", "10 days"),
+                   _alert(conn, "https://open.example.com:443", "10 days", given_up=True)}
+    # A task's delivered notification is task retention's, with its task.
+    task = create_task(conn, callback_url="https://hooks.example.com/a")["task_id"]
+    _finish(conn, task, "1 day")
+    conn.execute("update taskman_private.outbox set delivered_at = now() - interval '10 days'"
+                 " where task_id = %s", (task,))
+    hosts, outbox = _hosts_left(conn), _outbox_left(conn)
+
+    dry = taskman(database_url, "prune", "--older-than", "7d", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would prune 1 idle hosts and 1 delivered host alerts" in dry.stdout
+    assert (_hosts_left(conn), _outbox_left(conn)) == (hosts, outbox)
+
+    done = taskman(database_url, "prune", "--older-than", "7d")
+    assert done.returncode == 0, done.stderr
+    assert "pruned 1 idle hosts and 1 delivered host alerts" in done.stdout
+    assert _hosts_left(conn) == hosts - {"https://flaky.example.com:443"}
+    assert _outbox_left(conn) == outbox - {old_delivered}
+    assert kept_alerts <= _outbox_left(conn)
+
+    # Polled again, the host gets a new row.
+    conn.execute("select * from taskman.record_host_outcomes('w1', %s)", (json.dumps(
+        [{"host": "https://flaky.example.com:443", "result": "failure", "error": "timeout"}]),))
+    assert conn.execute("select consecutive_failures from taskman_private.hosts"
+                        " where host = 'https://flaky.example.com:443'").fetchone() == {
+        "consecutive_failures": 1}
+
+
+def test_the_workers_retention_job_prunes_idle_hosts_in_batches(conn, database_url) -> None:
+    conn.execute("insert into taskman_private.hosts (host, updated_at)"
+                 " select 'https://h' || i || '.example.com:443', now() - interval '2 hours'"
+                 " from generate_series(1, 450) i")
+    _host(conn, "https://busy.example.com:443", "1 minute")
+    with psycopg.connect(database_url, autocommit=False) as other:
+        # A worker recording a poll of this host holds its row: skipped, no wait.
+        other.execute("select 1 from taskman_private.hosts"
+                      " where host = 'https://h1.example.com:443' for update")
+        retention = Retention(worker_settings(database_url,
+                                              TASKMAN_RETENTION_DAYS=str(1 / 24)))
+
+        async def one_round() -> int:
+            async with await psycopg.AsyncConnection.connect(database_url,
+                                                             autocommit=True) as c:
+                return await retention.run_once(c)
+
+        asyncio.run(one_round())  # three batches of at most 200
+        assert _hosts_left(conn) == {"https://h1.example.com:443",
+                                     "https://busy.example.com:443"}
+    asyncio.run(one_round())
+    assert _hosts_left(conn) == {"https://busy.example.com:443"}
+
+
+def test_prune_idle_hosts_refuses_bad_arguments_and_changes_nothing(conn) -> None:
+    _host(conn, "https://old.example.com:443", "10 days")
+    for call in ("select * from taskman.prune_idle_hosts(interval '-1 day')",
+                 "select * from taskman.prune_idle_hosts(null)",
+                 "select * from taskman.prune_idle_hosts(interval '1 day', 0)"):
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(call)
+    assert _hosts_left(conn) == {"https://old.example.com:443"}
+
+
+def test_upgrade_prunes_hosts_and_alerts_a_deployed_database_already_has(
+        server_url, tmp_path) -> None:
+    with database_before(server_url, "20261202000100", tmp_path) as url, \
+            psycopg.connect(url, autocommit=True, row_factory=dict_row) as old:
+        old.execute("select * from taskman.record_host_outcomes('w1', %s, 1)", (json.dumps(
+            [{"host": "https://down.example.com:443", "result": "failure",
+              "error": "timeout"}]),))  # opens the circuit: an alert with no task
+        old.execute("select * from taskman.record_host_outcomes('w1', %s, 1)", (json.dumps(
+            [{"host": "https://gone.example.com:443", "result": "failure", "error": "timeout"},
+             {"host": "https://gone.example.com:443", "result": "success"}]),))
+        old.execute("update taskman_private.hosts set updated_at = now() - interval '40 days'")
+        old.execute("update taskman_private.outbox set delivered_at = now() - interval '40 days'")
+        migrate(url)
+        done = taskman(url, "prune", "--older-than", "30d")
+        assert done.returncode == 0, done.stderr
+        assert "pruned 1 idle hosts and 1 delivered host alerts" in done.stdout
+        assert _hosts_left(old) == {"https://down.example.com:443"}  # still open
+        assert _outbox_left(old) == set()

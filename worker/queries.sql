@@ -265,6 +265,13 @@ select tasks, task_rows, events, private_rows, schedule_rows, outbox_rows, rows_
 from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::float8),
                                   %(batch_size)s::integer, %(dry_run)s::boolean)
 
+-- name: prune_idle_hosts
+-- One small batch of what belongs to no task: host rows with nothing to keep and
+-- delivered host alerts; `done` says nothing older is left.
+select hosts, alerts, done
+from taskman.prune_idle_hosts(make_interval(secs => %(older_than_seconds)s::float8),
+                              %(batch_size)s::integer, %(dry_run)s::boolean)
+
 -- Remote hosts (worker.polling.hosts): the gate after each claim, what polls say about
 -- their hosts, limits, the overview (edge, CLI) and per-host metrics.
 

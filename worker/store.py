@@ -47,6 +47,15 @@ def _rows(conn: psycopg.Connection[Any], name: str, params: Row | None = None) -
         return cur.execute(_q(name), params).fetchall()
 
 
+async def _arow(conn: psycopg.AsyncConnection[Any], name: str, params: Row) -> Row:
+    """The single row the query returns."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_q(name), params)
+        row = await cur.fetchone()
+        assert row is not None
+        return row
+
+
 # --- migrations and the embedded database -----------------------------------------------
 
 
@@ -200,13 +209,26 @@ def prune_finished_tasks(conn: psycopg.Connection[Any], older_than_seconds: floa
 async def aprune_finished_tasks(conn: psycopg.AsyncConnection[Any], older_than_seconds: float,
                                 batch_size: int) -> Row:
     """``prune_finished_tasks`` for the worker's event loop."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_q("prune_finished_tasks"), {
-            "older_than_seconds": older_than_seconds, "batch_size": batch_size,
-            "dry_run": False})
-        row = await cur.fetchone()
-        assert row is not None
-        return row
+    return await _arow(conn, "prune_finished_tasks", {
+        "older_than_seconds": older_than_seconds, "batch_size": batch_size, "dry_run": False})
+
+
+def prune_idle_hosts(conn: psycopg.Connection[Any], older_than_seconds: float,
+                     batch_size: int, *, dry_run: bool = False) -> Row:
+    """One batch of retention for what belongs to no task: how many host rows with
+    nothing to keep (``hosts``) and delivered host alerts (``alerts``) went, untouched
+    for `older_than_seconds`; ``done`` when nothing older is left. A dry run counts
+    everything it would delete, changing nothing."""
+    return _rows(conn, "prune_idle_hosts", {
+        "older_than_seconds": older_than_seconds, "batch_size": batch_size,
+        "dry_run": dry_run})[0]
+
+
+async def aprune_idle_hosts(conn: psycopg.AsyncConnection[Any], older_than_seconds: float,
+                            batch_size: int) -> Row:
+    """``prune_idle_hosts`` for the worker's event loop."""
+    return await _arow(conn, "prune_idle_hosts", {
+        "older_than_seconds": older_than_seconds, "batch_size": batch_size, "dry_run": False})
 
 
 def tasks_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:

@@ -2,8 +2,9 @@
 
 ``taskman prune --older-than 7d`` deletes, in small batches, the tasks that ended more
 than 7 days ago with their history, private and schedule rows and delivered notifications
-(the worker does the same every minute with ``TASKMAN_RETENTION_DAYS``), and says how
-many rows went. While Supabase Realtime streams ``taskman.tasks`` the task rows stay and
+(the worker does the same every minute with ``TASKMAN_RETENTION_DAYS``), then the host
+rows with nothing to keep and the delivered host alerts untouched for as long, and says
+how many rows went. While Supabase Realtime streams ``taskman.tasks`` the task rows stay and
 it says so. ``--dry-run`` counts them and changes nothing.
 """
 
@@ -43,10 +44,17 @@ def cmd_prune(conninfo: str, args: argparse.Namespace) -> int:
                 totals[key] += row[key]
             if row["done"] or args.dry_run:
                 break
-    rows_kept = row["rows_kept"]
+        rows_kept = row["rows_kept"]
+        hosts = alerts = 0
+        while True:
+            row = store.prune_idle_hosts(conn, args.older_than, _BATCH, dry_run=args.dry_run)
+            hosts, alerts = hosts + row["hosts"], alerts + row["alerts"]
+            if row["done"]:
+                break
     counts = ", ".join(f"{totals[kind]:,} {label}" for kind, label in _KINDS)
     verb = "would prune" if args.dry_run else "pruned"
     print(f"{verb} {totals['tasks']:,} finished tasks: {counts}")
+    print(f"{verb} {hosts:,} idle hosts and {alerts:,} delivered host alerts")
     if rows_kept:
         print("task rows kept: Supabase Realtime streams taskman.tasks and would send every"
               " deleted row to every subscriber (README: Retention)")

@@ -3,20 +3,24 @@
 Every ``RETENTION_INTERVAL_SECONDS`` the worker prunes, batch after batch (each its
 own short transaction), what ended more than ``TASKMAN_RETENTION_DAYS`` ago: task rows,
 history, private and schedule rows, delivered notifications
-(``taskman.prune_finished_tasks``). While Supabase Realtime streams taskman.tasks the
-task rows stay (README: Retention).
+(``taskman.prune_finished_tasks``); then what belongs to no task and was not touched
+for as long: host rows with nothing to keep and delivered host alerts
+(``taskman.prune_idle_hosts``). While Supabase Realtime streams taskman.tasks the task
+rows stay (README: Retention).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 
 from worker import store
 from worker.config import Settings
+from worker.store import Row
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,22 @@ class Retention:
 
     async def run_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Prune until nothing is left (or a round's cap); returns how many tasks."""
-        pruned = 0
+        pruned = await self._batches(conn, store.aprune_finished_tasks, "tasks")
+        if pruned:
+            log.info("retention pruned %d finished tasks", pruned, extra={"pruned": pruned})
+        hosts = await self._batches(conn, store.aprune_idle_hosts, "hosts")
+        if hosts:
+            log.info("retention pruned %d idle hosts", hosts, extra={"pruned_hosts": hosts})
+        return pruned
+
+    async def _batches(self, conn: psycopg.AsyncConnection[Any],
+                       prune: Callable[..., Awaitable[Row]], counted: str) -> int:
+        """Batches of `prune` until it is done (or a round's cap); the sum of `counted`."""
+        total = 0
         for _ in range(_MAX_BATCHES_A_ROUND):
-            row = await store.aprune_finished_tasks(conn, self.older_than_seconds,
-                                                    RETENTION_BATCH)
-            pruned += row["tasks"]
+            row = await prune(conn, self.older_than_seconds, RETENTION_BATCH)
+            total += row[counted]
             if row["done"]:
                 break
             await asyncio.sleep(_BETWEEN_BATCHES_SECONDS)
-        if pruned:
-            log.info("retention pruned %d finished tasks", pruned, extra={"pruned": pruned})
-        return pruned
+        return total
