@@ -237,6 +237,26 @@ def test_an_answer_the_database_refuses_fails_alone_as_unreadable(conn, database
     assert good_row["status"] == "completed"
 
 
+def test_a_result_over_what_a_task_holds_fails_alone_and_says_why(conn, database_url,
+                                                                   remote) -> None:
+    # Answers up to 4 MiB are read; a result holds at most 1 MiB.
+    big = remote.script("/jobs/16", Reply(json={"status": "done", "result": "é" * 600_000}))
+    small = remote.script("/jobs/17", Reply(json={"status": "done", "result": "é" * 500_000}))
+    good = remote.script("/jobs/18", DONE)
+    with running_worker(database_url, TASKMAN_MAX_RESPONSE_BYTES=str(4 * 1_048_576)):
+        conn.execute("insert into taskman.tasks (poll_url, max_attempts)"
+                     " values (%s, 1), (%s, 1), (%s, 1)", (big, small, good))
+        ids = {r["poll_url"]: str(r["task_id"]) for r in conn.execute(
+            "select task_id, poll_url from taskman.tasks")}
+        rows = {url: ended(conn, task_id) for url, task_id in ids.items()}
+    assert (rows[big]["status"], rows[big]["error_code"]) == ("failed", "invalid_response")
+    assert "its result is 1,200,002 bytes of JSON, over the 1,048,576 a task holds" in \
+        private_detail(conn, ids[big])["last_error"]
+    # Under the limit in UTF-8 (though not as escaped JSON text): stored.
+    assert rows[small]["status"] == "completed" and rows[small]["result"] == "é" * 500_000
+    assert rows[good]["status"] == "completed"
+
+
 def test_an_overdue_task_fails_with_timeout_without_being_polled(conn, database_url) -> None:
     task_id = create_task(conn, poll_url=None)["task_id"]  # waits for a callback
     conn.execute("update taskman.tasks set deadline_at = now() - interval '1 second'"

@@ -60,6 +60,8 @@ MAX_IDLE_SECONDS = 5.0
 # and only while other polls are still running.
 RECORD_DELAY_SECONDS = 0.005
 RECORD_BATCH = 1_000
+# The largest result a task holds (record_poll_results refuses a batch with a larger one).
+MAX_RESULT_BYTES = 1_048_576
 SWEEP_INTERVAL_SECONDS = 5.0
 # Shutdown: how long the last records and the release of leases may take.
 SHUTDOWN_DB_SECONDS = 5.0
@@ -500,15 +502,25 @@ class Worker:
 
     def _serialized(self, outcome: PollOutcome) -> str:
         """`outcome` as JSON; one that cannot be written out (a result nested too deeply,
-        say) becomes an unreadable answer, so that it fails only its own task."""
+        say) or stored (a result over MAX_RESULT_BYTES, which the database would refuse
+        with the whole batch) becomes an unreadable answer, so that it fails only its own
+        task."""
         try:
-            return json.dumps(outcome)
+            text = json.dumps(outcome)
         except (ValueError, TypeError, RecursionError) as exc:
-            log.warning("outcome of task %s cannot be written out (%r); recorded as unreadable",
-                        outcome.get("task_id"), exc)
-            reduced = _unstorable(outcome, f"{type(exc).__name__}: {exc}"[:500],
-                                  self._unstorable_delay())
-            return json.dumps(reduced, default=str)
+            why = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            if len(text) <= MAX_RESULT_BYTES:
+                return text
+            # As the database counts it: the result's JSON text in UTF-8.
+            size = len(json.dumps(outcome.get("result"), ensure_ascii=False).encode())
+            if size <= MAX_RESULT_BYTES:
+                return text
+            why = (f"its result is {size:,} bytes of JSON, over the {MAX_RESULT_BYTES:,}"
+                   " a task holds")
+        log.warning("outcome of task %s cannot be stored (%s); recorded as unreadable",
+                    outcome.get("task_id"), why)
+        return json.dumps(_unstorable(outcome, why, self._unstorable_delay()), default=str)
 
     def _unstorable_delay(self) -> float:
         return max(self.settings.min_poll_interval_seconds, self.settings.retry_base_seconds)
