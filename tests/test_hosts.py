@@ -433,7 +433,7 @@ def test_upgrading_to_the_one_statement_cycle_keeps_leases_and_tasks(server_url,
             leased = str(create_task(conn, poll_url="https://api.example.com/1")["task_id"])
             conn.execute("select * from taskman.claim_due_tasks('old', 10, 60)")
             due = str(create_task(conn, poll_url="https://api.example.com/2")["task_id"])
-        assert [m.version for m in migrate(url)] == ["20261201001900"]
+        assert [m.version for m in migrate(url)][:1] == ["20261201001900"]  # then later ones
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             claimed = [(str(r["task_id"]), r["held"]) for r in conn.execute(
                 "select task_id, held from taskman.claim_admitted_tasks('new', 10, 60)")]
