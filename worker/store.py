@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.rows import class_row, dict_row, scalar_row
+from psycopg.rows import RowMaker, dict_row, scalar_row
 
 from worker import db
 from worker.domain import ClaimedTask, JsonObject, TaskCreate, TaskReport
@@ -268,6 +268,14 @@ async def task_changes(conn: psycopg.AsyncConnection[Any], *, after: int,
         return await cur.fetchall()
 
 
+def _claimed_task_row(cursor: Any) -> RowMaker[ClaimedTask]:
+    """Rows as ClaimedTask, made by position once the columns are its fields in order."""
+    names = tuple(column.name for column in cursor.description or ())
+    if names != ClaimedTask._fields:
+        raise RuntimeError(f"claim_admitted_tasks answers {names}, not {ClaimedTask._fields}")
+    return ClaimedTask._make
+
+
 async def claim_admitted_tasks(conn: psycopg.AsyncConnection[Any], worker_id: str,
                                batch_size: int, lease_seconds: int, *, cooldown_seconds: float,
                                max_cooldown_seconds: float,
@@ -275,7 +283,7 @@ async def claim_admitted_tasks(conn: psycopg.AsyncConnection[Any], worker_id: st
     """Claim up to `batch_size` due tasks and admit them to their hosts, in one statement:
     every claimed task in claim order, ``held`` set on those their hosts hold back (they
     are back in the schedule, not to be sent)."""
-    async with conn.cursor(row_factory=class_row(ClaimedTask)) as cur:
+    async with conn.cursor(row_factory=_claimed_task_row) as cur:
         await cur.execute(_q("claim_admitted_tasks"), {
             "worker_id": worker_id, "batch_size": batch_size, "lease_seconds": lease_seconds,
             "cooldown_seconds": cooldown_seconds, "max_cooldown_seconds": max_cooldown_seconds,
