@@ -3,6 +3,7 @@ settings, their named queries (bench/queries.sql), and bulk-loaded tasks."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -40,6 +41,18 @@ def migrated_databases(*names: str) -> Iterator[dict[str, str]]:
 def queries() -> dict[str, str]:
     """The named queries of bench/queries.sql."""
     return parse_named_queries((Path(__file__).parent / "queries.sql").read_text(encoding="utf-8"))
+
+
+def wait_for_completion(conn: psycopg.Connection, count: int) -> None:
+    """Wait until no task is live any more, looking every 20 ms, then check that `count`
+    completed. The look is one index probe: counting the finished rows every 20 ms would
+    itself take a growing share of the cores the measured worker runs on."""
+    q = queries()
+    while conn.execute(q["live_tasks_remain"]).fetchone()[0]:
+        time.sleep(0.02)
+    completed = conn.execute(q["count_completed"]).fetchone()[0]
+    if completed < count:
+        raise RuntimeError(f"only {completed} of {count} tasks completed")
 
 
 def fill_tasks(url: str, *, terminal: int = 0, due: int = 0, future: int = 0) -> None:

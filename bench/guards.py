@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 
-from bench.cluster import migrated_databases, queries
+from bench.cluster import migrated_databases, queries, wait_for_completion
 from bench.worker_bench import REPO
 from worker.remote import profiles
 from worker.remote.profiles import ResponseProfile, read_response
@@ -142,8 +142,7 @@ def _fast_poller(code: Path, url: str, base: str, count: int) -> float:
     with _worker(code, url), psycopg.connect(url, autocommit=True) as conn:
         conn.execute(queries()["create_due_tasks"], {"base_url": base, "count": count})
         started = time.perf_counter()
-        while conn.execute(queries()["count_completed"]).fetchone()[0] < count:
-            time.sleep(0.02)
+        wait_for_completion(conn, count)
         return count / (time.perf_counter() - started)
 
 

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 
 import psycopg
 
-from bench.cluster import migrated_databases, queries
+from bench.cluster import migrated_databases, queries, wait_for_completion
 from bench.instant_remote import instant_remote
 from bench.worker_bench import worker_process
 
@@ -28,8 +28,7 @@ def _run(url: str, base_url: str, workers: int, count: int) -> tuple[float, int]
             stack.enter_context(worker_process(url, **env))
         conn.execute(q["create_due_tasks"], {"base_url": base_url, "count": count})
         started = time.perf_counter()
-        while conn.execute(q["count_completed"]).fetchone()[0] < count:
-            time.sleep(0.02)
+        wait_for_completion(conn, count)
         elapsed = time.perf_counter() - started
         duplicates = conn.execute(q["duplicate_polls"]).fetchone()[0]
         conn.execute(q["delete_tasks"])

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from bench.cluster import fill_tasks, migrated_databases, queries
+from bench.cluster import fill_tasks, migrated_databases, queries, wait_for_completion
 from bench.instant_remote import instant_remote
 from bench.worker_bench import worker_process
 from worker import store
@@ -88,8 +88,7 @@ def _drain(database_url: str, direct_url: str, base_url: str, count: int, concur
         conn.execute(q["delete_tasks"])
         conn.execute(q["create_due_tasks"], {"base_url": base_url, "count": count})
         started = time.perf_counter()
-        while conn.execute(q["count_completed"]).fetchone()[0] < count:
-            time.sleep(0.02)
+        wait_for_completion(conn, count)
         return count / (time.perf_counter() - started)
 
 

@@ -19,6 +19,11 @@ delete from taskman.tasks
 -- name: count_completed
 select count(*) from taskman.tasks where status = 'completed'
 
+-- name: live_tasks_remain
+-- One look at the due index (a live task has a next poll; a leased one too): cheap
+-- however many tasks have ended, unlike counting them.
+select exists (select 1 from taskman_private.task_schedule where next_poll_at is not null)
+
 -- name: fill_tasks
 -- Bulk rows shaped as the task triggers would leave them (loaded with triggers
 -- off: loading is not what is measured): `terminal` finished tasks, `due` live

@@ -4,8 +4,10 @@ One worker process polls an instant local status API; the figure is tasks per se
 from the commit that creates them to the last one completed. Beside it, in the same
 run, the baseline: the same number of plain GETs at the same concurrency with the
 fastest client measured (aiohttp, bench.http_clients), no database, on asyncio's loop
-and on uvloop (the worker's). Their ratio is the share of raw HTTP throughput the worker
-keeps (target >= 50%). Also: the worker's CPU
+and on uvloop (the worker's), measured just before and just after the worker's run and
+averaged. Their ratio is the share of raw HTTP throughput the worker keeps (target >=
+50%). The worker's end is seen with one index probe every 20 ms, not a count of the
+finished rows. Also: the worker's CPU
 seconds per 1,000 polls and its resident memory, at concurrency 10, 100 and 1,000, and how
 busy the machine's cores were meanwhile (the worker, its database and the remote share
 them, and on a shared machine so does whatever else runs: compare ratios, not rates).
@@ -33,7 +35,7 @@ import aiohttp
 import psycopg
 import uvloop
 
-from bench.cluster import migrated_databases, queries
+from bench.cluster import migrated_databases, queries, wait_for_completion
 from bench.instant_remote import instant_remote
 from bench.worker_bench import worker_process
 
@@ -54,6 +56,12 @@ async def _plain_gets(base_url: str, count: int, concurrency: int) -> float:
         started = time.perf_counter()
         await asyncio.gather(*(fetch_all() for _ in range(concurrency)))
         return count / (time.perf_counter() - started)
+
+
+def _raw_rates(base_url: str, count: int, concurrency: int) -> tuple[float, float]:
+    """_plain_gets on asyncio's loop and on uvloop."""
+    return (asyncio.run(_plain_gets(base_url, count, concurrency)),
+            uvloop.run(_plain_gets(base_url, count, concurrency)))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -105,8 +113,7 @@ def _worker_run(database_url: str, base_url: str, count: int, concurrency: int,
         cpu_before, db_before = _cpu_seconds(process.pid), _backends_cpu(conn)
         conn.execute(q["create_due_tasks"], {"base_url": base_url, "count": count})
         started, ticks_before = time.perf_counter(), _machine_ticks()
-        while conn.execute(q["count_completed"]).fetchone()[0] < count:
-            time.sleep(0.02)
+        wait_for_completion(conn, count)
         elapsed = time.perf_counter() - started
         ticks, idle = (a - b for a, b in zip(_machine_ticks(), ticks_before, strict=True))
         if spy is not None:
@@ -134,10 +141,13 @@ def main() -> None:
           f" {'CPU s/1k polls':>15} {'its DB CPU s/1k':>16} {'RSS MB':>7} {'cores busy':>10}")
     with migrated_databases(*names) as urls, instant_remote() as base_url:
         for concurrency, name in zip(args.concurrency, names, strict=True):
-            raw = asyncio.run(_plain_gets(base_url, args.tasks, concurrency))
-            raw_uvloop = uvloop.run(_plain_gets(base_url, args.tasks, concurrency))
+            # The baseline before and after the worker's run, averaged: the machine's
+            # speed drifts between runs, and this way both sides see the same drift.
+            raw, raw_uvloop = _raw_rates(base_url, args.tasks, concurrency)
             rate, cpu, db_cpu, rss, busy = _worker_run(urls[name], base_url, args.tasks,
                                                         concurrency, args.profile)
+            raw, raw_uvloop = ((a + b) / 2 for a, b in zip(
+                (raw, raw_uvloop), _raw_rates(base_url, args.tasks, concurrency), strict=True))
             print(f"  {concurrency:>11} {raw:>15.0f} {raw_uvloop:>10.0f} {rate:>15.0f}"
                   f" {rate / raw:>6.0%} {rate / raw_uvloop:>6.0%}"
                   f" {cpu / args.tasks * 1000:>15.3f} {db_cpu / args.tasks * 1000:>16.3f}"
