@@ -153,7 +153,7 @@ class Worker:
         # With tasks ready, claim again once this much room is free: in batches, not a
         # task at a time.
         self._refill = max(1, self._ahead // 4)
-        self._slot_freed = asyncio.Event()
+        self._slot_freed = asyncio.Event()  # set when _claim_room becomes non-zero
         self._wake = asyncio.Event()
         self._listening = False  # a LISTEN connection is up: NOTIFY wakes the claimer
         self._claimer_wakes_at = 0.0  # monotonic; 0 while the claimer is not sleeping
@@ -256,8 +256,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         failures = 0
         while True:
-            free = self.settings.concurrency + self._ahead - self._polling - len(self._ready)
-            if free <= 0 or (self._ready and free < self._refill):
+            if not (free := self._claim_room()):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -273,6 +272,12 @@ class Worker:
                 wait = await self._after_db_error("claiming", exc, failures)
             if wait > 0:
                 await self._sleep(wait)
+
+    def _claim_room(self) -> int:
+        """How many tasks to claim now: the free slots and room ahead, once there is
+        enough of it (0: wait for polls to finish)."""
+        free = self.settings.concurrency + self._ahead - self._polling - len(self._ready)
+        return 0 if free <= 0 or (self._ready and free < self._refill) else free
 
     async def _sleep(self, wait: float) -> None:
         """Sleep `wait` seconds, or less when woken (a NOTIFY, an outcome recorded).
@@ -400,7 +405,8 @@ class Worker:
         finally:
             self._polling -= 1
             self._start_ready()
-            self._slot_freed.set()
+            if self._claim_room():  # waking the claimer for less would only put it back
+                self._slot_freed.set()
         if outcome is not None:
             outcome["host"] = host
             self.metrics.count_poll(outcome)
