@@ -243,3 +243,32 @@ def test_ending_a_task_queues_its_callback_and_failures_queue_an_alert(conn) -> 
         (ok, "callback"), (bad, "callback"), (bad, "slack")]
     assert rows[0]["payload"]["status"] == "completed"
     assert "lease_owner" not in rows[0]["payload"] and "poll_headers" not in rows[0]["payload"]
+
+
+def _sequential_scans(conn, table: str) -> int:
+    conn.execute("select pg_stat_force_next_flush()")
+    return conn.execute("select seq_scan from pg_stat_user_tables where relid = %s::regclass",
+                        (table,)).fetchone()["seq_scan"]
+
+
+@pytest.mark.parametrize("cycle", ["claim", "record"])
+def test_claim_and_record_read_rows_by_key_whatever_the_statistics_say(conn, cycle) -> None:
+    """Statistics taken while task_private was empty (a new project, an ANALYZE) must not
+    make the cached plans read the whole table once per task as it grows: a burst of
+    new tasks would turn each claim quadratic until the next autoanalyze."""
+    conn.execute("analyze taskman_private.task_private, taskman.tasks,"
+                 " taskman_private.task_schedule")  # all empty: 0 rows each
+    ids = [create_task(conn, poll_url=f"https://api.example.com/{i}",
+                       poll_headers={"X-Key": "k"})["task_id"] for i in range(300)]
+    with psycopg.connect(conn.info.dsn, autocommit=True, row_factory=dict_row) as fresh:
+        # A new session plans afresh, with those statistics.
+        scans = {t: _sequential_scans(fresh, t) for t in
+                 ("taskman_private.task_private", "taskman.tasks",
+                  "taskman_private.task_schedule")}
+        claimed = _claim(fresh)
+        if cycle == "record":
+            _record(fresh, *[{"task_id": i, "worker_id": "w1", "ok": True,
+                              "status": "completed", "raw_response": "{}"} for i in claimed])
+        assert len(claimed) == 100 and set(claimed) <= set(ids)
+        assert {t: _sequential_scans(fresh, t) - n for t, n in scans.items()} == dict.fromkeys(
+            scans, 0)
