@@ -28,7 +28,7 @@ def poll(url: str, *, method: str = "GET", body: Any = None, attempt_count: int 
          error_count: int = 0, profile: str = GENERIC, headers: dict[str, str] | None = None,
          **env: Any) -> dict[str, Any]:
     """The outcome of polling a task at `url` once."""
-    task = ClaimedTask(task_id=uuid.uuid4(), poll_url=url, poll_method=method,
+    task = ClaimedTask(task_id=str(uuid.uuid4()), poll_url=url, poll_method=method,
                        poll_headers=headers or {},
                        poll_body=None if body is None else json.dumps(body), profile=profile,
                        attempt_count=attempt_count, error_count=error_count,
@@ -226,7 +226,7 @@ def test_a_cookie_one_tasks_remote_sets_is_never_sent_for_another_task(remote) -
     settings = worker_settings("postgresql://unused")
 
     def task(url: str) -> ClaimedTask:
-        return ClaimedTask(task_id=uuid.uuid4(), poll_url=url, poll_method="GET",
+        return ClaimedTask(task_id=str(uuid.uuid4()), poll_url=url, poll_method="GET",
                            poll_headers={}, poll_body=None, profile=GENERIC, attempt_count=0,
                            error_count=0, poll_interval_seconds=10)
 

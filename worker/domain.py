@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NamedTuple, TypedDict, get_args
-from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 
@@ -140,10 +139,10 @@ class ClaimedTask(NamedTuple):
     text is the key under which its compiled form is cached.
     """
 
-    task_id: UUID
+    task_id: str
     poll_url: str | None  # None while the task is still to be submitted
     poll_method: str
-    poll_headers: dict[str, str]
+    poll_headers: dict[str, str] | None  # None: none
     poll_body: str | None
     profile: str
     attempt_count: int

@@ -183,8 +183,10 @@ select taskman.release_outbox(%(worker_id)s::text, %(only_channel)s::text) as re
 
 -- name: claim_admitted_tasks
 -- poll_body, submit_body and profile come as JSON text: bodies are sent as is, and
--- the profile text keys the worker's cache of compiled profiles.
-select task_id, poll_url, poll_method, poll_headers, poll_body::text as poll_body,
+-- the profile text keys the worker's cache of compiled profiles. The id comes as text
+-- (the worker only ever writes it out) and no headers as null: nothing to decode.
+select task_id::text as task_id, poll_url, poll_method,
+       nullif(poll_headers, '{}') as poll_headers, poll_body::text as poll_body,
        profile::text as profile, attempt_count, error_count, poll_interval_seconds,
        submit_url, submit_method, submit_headers, submit_body::text as submit_body,
        callback_token, held

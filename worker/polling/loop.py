@@ -399,7 +399,7 @@ class Worker:
                                      else self._poller.poll(task))
                 else:
                     log.warning("task %s waited for its host past its lease; not polled",
-                                task.task_id, extra={"task_id": str(task.task_id)})
+                                task.task_id, extra={"task_id": task.task_id})
             finally:
                 self._hosts.release(host)
         finally:

@@ -93,12 +93,12 @@ class Poller:
     async def poll(self, task: ClaimedTask) -> PollOutcome:
         """Poll `task` once. Never raises: whatever the remote, the network or the task's own
         data does, the result is an outcome for this task alone."""
-        outcome: PollOutcome = {"task_id": str(task.task_id), "worker_id": self.worker_id}
+        outcome: PollOutcome = {"task_id": task.task_id, "worker_id": self.worker_id}
         try:
             return outcome | await self._poll(task)
         except Exception as exc:
             log.exception("polling task %s failed unexpectedly", task.task_id,
-                          extra={"task_id": str(task.task_id)})
+                          extra={"task_id": task.task_id})
             message = f"Taskman could not complete the poll (unexpected {type(exc).__name__})."
             return outcome | _failed("poll_error", "unexpected_error", message,
                                      raw_error=repr(exc)[:1000])
@@ -136,7 +136,7 @@ class Poller:
         if task.poll_url is None:
             raise RequestNotSendable("the task has no status URL")
         method, url = task.poll_method, _url(task.poll_url)
-        headers, body = task.poll_headers, task.poll_body
+        headers, body = task.poll_headers or {}, task.poll_body
         if headers and (problem := headers_problem(headers)):
             raise RequestNotSendable(problem)
         for _ in range(MAX_REDIRECTS + 1):

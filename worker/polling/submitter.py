@@ -66,13 +66,13 @@ class Submitter:
 
     async def submit(self, task: ClaimedTask) -> PollOutcome:
         """Submit `task` once. Never raises: the result is an outcome for this task alone."""
-        outcome: PollOutcome = {"task_id": str(task.task_id), "worker_id": self.worker_id,
+        outcome: PollOutcome = {"task_id": task.task_id, "worker_id": self.worker_id,
                                 "submitted": True}
         try:
             return outcome | await self._submit(task)
         except Exception as exc:
             log.exception("submitting task %s failed unexpectedly", task.task_id,
-                          extra={"task_id": str(task.task_id)})
+                          extra={"task_id": task.task_id})
             message = f"Taskman could not send the submit (unexpected {type(exc).__name__})."
             return outcome | _failed("submit_failed", "unexpected_error", message, repr(exc))
 
@@ -149,7 +149,7 @@ class Submitter:
     def _request(self, task: ClaimedTask) -> tuple[str, str, dict[str, str], bytes | None]:
         """The method, URL, headers and body to send, placeholders filled in."""
         assert task.submit_url is not None
-        values = {"task_id": str(task.task_id)}
+        values = {"task_id": task.task_id}
         stored = task.submit_headers or {}
         if self._hands_callback_url(task):
             if self.settings.public_url is None or task.callback_token is None:
@@ -160,7 +160,7 @@ class Submitter:
         headers = {name: fill_placeholders(value, values) for name, value in stored.items()}
         if problem := headers_problem(headers, "submit"):
             raise _NotSendable(problem)
-        headers[IDEMPOTENCY_HEADER] = str(task.task_id)
+        headers[IDEMPOTENCY_HEADER] = task.task_id
         data = None
         if task.submit_body is not None:
             data = json.dumps(fill_placeholders(json.loads(task.submit_body), values)).encode()
