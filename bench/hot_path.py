@@ -1,5 +1,8 @@
 """The database cycle against its raw limit, on one durable server in one run.
 
+Taskman's cycle is the worker's own claim and record statements, with outcomes as its
+poller makes them.
+
 (a) steady no-change polls/s: Taskman's claim + record (batches of 100, every task
     "still running", due again at once) against a bare SKIP LOCKED table doing the
     same claim-and-reschedule loop, in turns of half a second (same load for both);
@@ -24,10 +27,14 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from bench.cluster import migrated_databases, queries
+from worker.db import queries as worker_queries
 
 BATCH = 100
+_HOST = "https://api.example.com:443"
+_HOST_TIMING = {"cooldown_seconds": 5.0, "max_cooldown_seconds": 300.0, "spread_seconds": 5.0}
 
 
 def _wal(conn: psycopg.Connection) -> int:
@@ -35,13 +42,25 @@ def _wal(conn: psycopg.Connection) -> int:
 
 
 def _taskman_cycle(conn: psycopg.Connection, status: str | None) -> int:
-    ids = [r[0] for r in conn.execute(
-        "select task_id from taskman.claim_due_tasks('bench', %s, 60)", (BATCH,)).fetchall()]
+    """One claim and one record of the worker's own statements (claim_admitted_tasks,
+    record_polls), with outcomes shaped as its poller makes them (the remote's body kept
+    raw, a result when the task completes) and the host's one success report."""
+    q = worker_queries()
+    ids = [r[0] for r in conn.execute(q["claim_admitted_tasks"], {
+        "worker_id": "bench", "batch_size": BATCH, "lease_seconds": 60, **_HOST_TIMING})]
     if ids:
-        outcomes = [{"task_id": str(i), "worker_id": "bench", "ok": True, "status": status,
-                     "http_status": 200, "latency_ms": 1.0, "delay_seconds": 0} for i in ids]
-        conn.execute("select count(*) from taskman.record_poll_results(%s)",
-                     (json.dumps(outcomes),))
+        answer = {"status": "done" if status == "completed" else "running"}
+        outcomes = [{"task_id": str(i), "worker_id": "bench", "http_status": 200,
+                     "raw_response": json.dumps(answer), "latency_ms": 1.0, "ok": True,
+                     "status": status, "progress": None, "progress_message": None,
+                     **({"result": {"ok": True}} if status == "completed"
+                        else {"delay_seconds": 0})} for i in ids]
+        conn.execute(q["record_polls"], {
+            "worker_id": "bench", "results": json.dumps(outcomes),
+            "host_outcomes": Jsonb([{"task_id": outcomes[-1]["task_id"], "host": _HOST,
+                                     "result": "success", "error": None,
+                                     "retry_after_seconds": None}]),
+            "failure_threshold": 10, **_HOST_TIMING})
     return len(ids)
 
 
