@@ -446,3 +446,31 @@ def test_upgrading_to_the_one_statement_cycle_keeps_leases_and_tasks(server_url,
                                 (json.dumps(outcomes),)).fetchone()["n"] == 2
             assert task_row(conn, leased)["status"] == "completed"
             assert task_row(conn, due)["status"] == "in_progress"
+
+
+def test_upgrading_to_the_cheaper_admission_holds_by_the_hosts_tasks_already_have(
+        server_url, tmp_path) -> None:
+    """Tasks created before the upgrade (their schedule rows keyed by host then) are
+    admitted by the new claim as by the old one; a task leased before it stays leased."""
+    down, up = "https://down.example.com:443", "https://up.example.com:443"
+    with database_before(server_url, "20261202000200", tmp_path) as url:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            leased = str(create_task(conn, poll_url=f"{up}/jobs/0")["task_id"])
+            conn.execute("select * from taskman.claim_admitted_tasks('old', 10, 60, 60, 60)")
+            conn.execute("select taskman.set_host_limits(%s)", (json.dumps({down: 0.01}),))
+            down_ids = {str(create_task(conn, poll_url=f"{down}/jobs/{i}")["task_id"])
+                        for i in range(3)}
+            other = str(create_task(conn, poll_url=f"{up}/jobs/1")["task_id"])
+        assert [m.version for m in migrate(url)][:2] == ["20261202000200", "20261202000300"]
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            claimed = {str(r["task_id"]): r["held"] for r in conn.execute(
+                "select task_id, held from taskman.claim_admitted_tasks('new', 100, 60, 60, 60)")}
+            assert set(claimed) == down_ids | {other}  # not the one leased before
+            assert sorted(claimed[t] for t in down_ids) == [False, True, True]
+            assert not claimed[other]
+            assert schedule_row(conn, leased)["lease_owner"] == "old"
+            settings = conn.execute(
+                "select proconfig from pg_proc where oid = any(array["
+                "'taskman.claim_due_tasks(text, integer, integer)'::regprocedure,"
+                " 'taskman.record_poll_results(jsonb)'::regprocedure])").fetchall()
+            assert all("enable_seqscan=off" in r["proconfig"] for r in settings)
