@@ -132,8 +132,8 @@ class TaskReport(BaseModel):
 
 class ClaimedTask(NamedTuple):
     """A task a worker claimed, with what polling it needs (``claim_admitted_tasks``, whose
-    columns are these fields in this order: a claim's rows are made positionally, a
-    hundred times cheaper than a frozen dataclass from keywords).
+    columns are these fields in this order: a claim's rows are made by position, about
+    ten times cheaper than a frozen dataclass built from keywords).
 
     `poll_body` and `profile` stay JSON text: the body is sent as is, and the profile
     text is the key under which its compiled form is cached.
