@@ -470,7 +470,8 @@ def test_upgrading_to_the_cheaper_admission_holds_by_the_hosts_tasks_already_hav
             assert not claimed[other]
             assert schedule_row(conn, leased)["lease_owner"] == "old"
             settings = conn.execute(
-                "select proconfig from pg_proc where oid = any(array["
-                "'taskman.claim_due_tasks(text, integer, integer)'::regprocedure,"
-                " 'taskman.record_poll_results(jsonb)'::regprocedure])").fetchall()
+                "select proconfig from pg_proc where proname in ('claim_due_tasks',"
+                " 'claim_admitted_tasks', 'record_poll_results', 'record_polls')"
+                " and pronamespace = 'taskman'::regnamespace").fetchall()
+            assert len(settings) == 4
             assert all("enable_seqscan=off" in r["proconfig"] for r in settings)
