@@ -50,7 +50,7 @@ def _taskman_cycle(conn: psycopg.Connection, status: str | None) -> int:
         "worker_id": "bench", "batch_size": BATCH, "lease_seconds": 60, **_HOST_TIMING})]
     if ids:
         answer = {"status": "done" if status == "completed" else "running"}
-        outcomes = [{"task_id": str(i), "worker_id": "bench", "http_status": 200,
+        outcomes = [{"task_id": i, "worker_id": "bench", "http_status": 200,
                      "raw_response": json.dumps(answer), "latency_ms": 1.0, "ok": True,
                      "status": status, "progress": None, "progress_message": None,
                      **({"result": {"ok": True}} if status == "completed"
