@@ -8,9 +8,12 @@
 -- with the worker's statements: 420 µs per claimed task instead of 40). Every table
 -- these functions read has the index they need; with sequential scans off, the planner
 -- uses it whatever the row counts say.
--- record_polls passes it on to record_host_outcomes and record_poll_results, which it
--- calls; claim_admitted_tasks sets it where it is defined (20261202000300).
+-- The worker's two statements, claim_admitted_tasks and record_polls, pass it on to the
+-- functions they call.
 alter function taskman.claim_due_tasks(text, integer, integer) set enable_seqscan = off;
 alter function taskman.record_poll_results(jsonb) set enable_seqscan = off;
+alter function taskman.claim_admitted_tasks(text, integer, integer, double precision,
+                                            double precision, double precision)
+  set enable_seqscan = off;
 alter function taskman.record_polls(text, jsonb, jsonb, integer, double precision,
                                     double precision, double precision) set enable_seqscan = off;
