@@ -461,7 +461,7 @@ def test_upgrading_to_lookups_by_key_keeps_leases_and_what_hosts_hold_back(
             down_ids = {str(create_task(conn, poll_url=f"{down}/jobs/{i}")["task_id"])
                         for i in range(3)}
             other = str(create_task(conn, poll_url=f"{up}/jobs/1")["task_id"])
-        assert [m.version for m in migrate(url)][:1] == ["20261202000200"]
+        assert [m.version for m in migrate(url)][:2] == ["20261202000200", "20261202000300"]
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             claimed = {str(r["task_id"]): r["held"] for r in conn.execute(
                 "select task_id, held from taskman.claim_admitted_tasks('new', 100, 60, 60, 60)")}
