@@ -49,12 +49,13 @@ def _taskman_cycle(conn: psycopg.Connection, status: str | None) -> int:
     ids = [r[0] for r in conn.execute(q["claim_admitted_tasks"], {
         "worker_id": "bench", "batch_size": BATCH, "lease_seconds": 60, **_HOST_TIMING})]
     if ids:
-        answer = {"status": "done" if status == "completed" else "running"}
-        outcomes = [{"task_id": i, "worker_id": "bench", "http_status": 200,
-                     "raw_response": json.dumps(answer), "latency_ms": 1.0, "ok": True,
-                     "status": status, "progress": None, "progress_message": None,
-                     **({"result": {"ok": True}} if status == "completed"
-                        else {"delay_seconds": 0})} for i in ids]
+        seen = {"worker_id": "bench", "http_status": 200, "latency_ms": 1.0, "ok": True,
+                "raw_response": json.dumps({"status": "done" if status == "completed"
+                                            else "running"}),
+                "status": status, "progress": None, "progress_message": None,
+                **({"result": {"ok": True}} if status == "completed"
+                   else {"delay_seconds": 0})}
+        outcomes = [{"task_id": i, **seen} for i in ids]
         conn.execute(q["record_polls"], {
             "worker_id": "bench", "results": json.dumps(outcomes),
             "host_outcomes": Jsonb([{"task_id": outcomes[-1]["task_id"], "host": _HOST,
