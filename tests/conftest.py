@@ -202,6 +202,15 @@ def api(database_url: str) -> Iterator[PostgREST]:
 
 
 @pytest.fixture
+def other_api(database_url: str) -> Iterator[PostgREST]:
+    """A second PostgREST connection, for requests that run while one of api's is open."""
+    client = PostgREST(_with_database(database_url, urlsplit(database_url).path[1:],
+                                      user="authenticator"))
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def decoding(conn) -> Iterator[callable]:
     """A logical decoding slot on the test database; calling it returns the changes of
     taskman.tasks since the last call (INSERT/UPDATE/DELETE lines)."""

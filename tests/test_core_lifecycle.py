@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
+from tests.conftest import database_before
 from tests.factories import USER_A, USER_B, create_task, events, set_status, task_row
+from worker.migrate import migrate
 
 LEGAL = [
     ("pending", "in_progress"),
@@ -127,6 +132,47 @@ def test_same_idempotency_key_from_one_owner_gives_one_task(api, conn) -> None:
     assert second["idempotent_replay"] is True
     count = conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"]
     assert count == 1
+
+
+def test_a_call_that_loses_the_race_for_a_key_answers_with_the_winners_task(
+        api, other_api, conn) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        with api.request("authenticated", USER_A) as first:
+            first.execute("select taskman.create_task(poll_url => 'https://a.example.com/1',"
+                          " poll_headers => %s, idempotency_key => 'nightly') as r",
+                          (json.dumps({"Authorization": "Bearer first"}),))
+            winner = first.fetchone()["r"]
+            # The second call waits for the first one's transaction, which holds the key.
+            second = pool.submit(other_api.rpc, "authenticated", "create_task", USER_A,
+                                 poll_url="https://a.example.com/2",
+                                 poll_headers=json.dumps({"Authorization": "Bearer second"}),
+                                 idempotency_key="nightly")
+            time.sleep(0.3)
+            assert not second.done()
+        loser = second.result(timeout=10)
+    assert loser["task_id"] == winner["task_id"] and loser["idempotent_replay"] is True
+    assert "callback_token" not in loser
+    assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 1
+    assert conn.execute("select count(*) as n from taskman_private.poll_headers_in_flight"
+                        ).fetchone()["n"] == 0
+    claimed = conn.execute("select poll_url, poll_headers"
+                           " from taskman.claim_due_tasks('w1', 10, 60)").fetchall()
+    assert claimed == [{"poll_url": "https://a.example.com/1",
+                        "poll_headers": {"Authorization": "Bearer first"}}]
+
+
+def test_upgrading_to_create_without_a_savepoint_keeps_the_keys_already_used(
+        server_url, tmp_path) -> None:
+    with database_before(server_url, "20261202000400", tmp_path) as url:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            first = create_task(conn, idempotency_key="nightly")
+        assert [m.version for m in migrate(url)][:1] == ["20261202000400"]
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            replay = create_task(conn, idempotency_key="nightly")
+            fresh = create_task(conn, idempotency_key="weekly")
+            assert (replay["task_id"], replay["idempotent_replay"]) == (first["task_id"], True)
+            assert fresh["task_id"] != first["task_id"] and "callback_token" in fresh
+            assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 2
 
 
 def test_same_idempotency_key_from_two_owners_gives_two_tasks(api) -> None:
