@@ -7,8 +7,9 @@ poller makes them.
     "still running", due again at once) against a bare SKIP LOCKED table doing the
     same claim-and-reschedule loop, in turns of half a second (same load for both);
 (b) drain of 20k tasks completing on their first poll: Taskman, pgqueuer's no-op drain
-    (its own dequeue and log_jobs statements, batches of 100) and the bare loop, in
-    turns of 10 batches;
+    (its own dequeue and log_jobs statements, batches of 100), the bare loop, and the
+    floor of Taskman's data model (the fewest writes a completion needs there: lease,
+    public row, schedule row, one event; hand-written SQL), in turns of 10 batches;
 (c) create_task one call at a time against pgqueuer's enqueue one job at a time, in
     turns of 150 calls;
 (d) WAL bytes per no-change poll, Taskman and bare.
@@ -62,6 +63,16 @@ def _taskman_cycle(conn: psycopg.Connection, status: str | None) -> int:
                                      "result": "success", "error": None,
                                      "retry_after_seconds": None}]),
             "failure_threshold": 10, **_HOST_TIMING})
+    return len(ids)
+
+
+def _floor_cycle(conn: psycopg.Connection) -> int:
+    """One batch of the floor: the fewest writes that claim and complete tasks in
+    Taskman's data model (bench/queries.sql: floor_claim, floor_finish)."""
+    q = queries()
+    ids = [r[0] for r in conn.execute(q["floor_claim"], {"batch": BATCH})]
+    if ids:
+        conn.execute(q["floor_finish"], {"ids": ids})
     return len(ids)
 
 
@@ -203,8 +214,10 @@ def main() -> None:
     args = parser.parse_args()
     q = queries()
 
-    with migrated_databases("bench_taskman", "bench_pgqueuer", "bench_create") as urls, \
-            psycopg.connect(urls["bench_taskman"], autocommit=True) as conn:
+    with migrated_databases("bench_taskman", "bench_pgqueuer", "bench_create",
+                            "bench_floor") as urls, \
+            psycopg.connect(urls["bench_taskman"], autocommit=True) as conn, \
+            psycopg.connect(urls["bench_floor"], autocommit=True) as floor_conn:
         conn.execute(q["bare_create"])
         # (a), (d): live tasks that stay running.
         conn.execute(q["create_due_tasks"], {"base_url": "https://api.example.com",
@@ -227,16 +240,22 @@ def main() -> None:
                                              "count": args.drain})
         conn.execute(q["bare_fill"], {"count": args.drain})
         conn.execute("vacuum analyze")
+        floor_conn.execute(q["create_due_tasks"], {"base_url": "https://api.example.com",
+                                                   "count": args.drain})
+        floor_conn.execute("vacuum analyze")
+        # The floor writes the public row itself, as record_poll_results does.
+        floor_conn.execute("select set_config('taskman.poll_writer', 'on', false)")
         enqueue = _PgqueuerEnqueue(urls["bench_pgqueuer"])  # installs pgqueuer
         pgqueuer = _PgqueuerDrain(urls["bench_pgqueuer"], args.drain)
         try:
             drains = _drains({"taskman": lambda: _taskman_cycle(conn, "completed"),
                               "pgqueuer": pgqueuer.cycle,
-                              "bare": lambda: _bare_cycle(conn, True)})
+                              "bare": lambda: _bare_cycle(conn, True),
+                              "floor": lambda: _floor_cycle(floor_conn)})
         finally:
             pgqueuer.close()
-        taskman_drain, pgq_drain, bare_drain = (drains["taskman"], drains["pgqueuer"],
-                                                drains["bare"])
+        taskman_drain, pgq_drain, bare_drain, floor_drain = (
+            drains["taskman"], drains["pgqueuer"], drains["bare"], drains["floor"])
         try:
             with psycopg.connect(urls["bench_create"], autocommit=True) as create_conn:
                 creates = _creates({"taskman": lambda n: _taskman_creates(create_conn, n),
@@ -254,8 +273,11 @@ def main() -> None:
     print(f"    Taskman              {taskman_drain:9,.0f} tasks/s")
     print(f"    pgqueuer no-op drain {pgq_drain:9,.0f} jobs/s")
     print(f"    bare SKIP LOCKED     {bare_drain:9,.0f} tasks/s")
+    print(f"    floor of the model   {floor_drain:9,.0f} tasks/s"
+          f"   ({floor_drain / pgq_drain:.2f} of pgqueuer)")
     print(f"    ratio {taskman_drain / pgq_drain:.2f} of pgqueuer (target >= 1.00), "
-          f"{taskman_drain / bare_drain:.2f} of bare")
+          f"{taskman_drain / bare_drain:.2f} of bare, "
+          f"{taskman_drain / floor_drain:.2f} of the floor")
     print(f"(c) one call at a time, each its own commit, {args.creates:,} calls:")
     print(f"    Taskman create_task  {create_rate:9,.0f} tasks/s")
     print(f"    pgqueuer enqueue     {pgq_enqueue:9,.0f} jobs/s")

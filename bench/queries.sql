@@ -113,6 +113,40 @@ where id = any(%(ids)s::bigint[])
 -- name: bare_finish
 delete from bare_jobs where id = any(%(ids)s::bigint[])
 
+-- name: floor_claim
+-- The least a claim does in Taskman's data model: lease a batch of due schedule rows
+-- (priority 0). No admission, no profiles, no task rows read.
+update taskman_private.task_schedule s
+set lease_owner = 'floor', lease_expires_at = now() + interval '60 seconds',
+    next_poll_at = now() + interval '60 seconds'
+where s.task_id = any(array(
+  select x.task_id from taskman_private.task_schedule x
+  where x.priority = 0 and x.next_poll_at <= now()
+  order by x.next_poll_at limit %(batch)s for update skip locked))
+returning s.task_id
+
+-- name: floor_finish
+-- The least a completion writes in Taskman's data model: the public row once (status,
+-- result, the poll figures), the schedule row off the due index, and the transition's
+-- one event. Run with taskman.poll_writer on, so the row triggers leave it to this
+-- statement; no outcome JSON, raw answer, poll event, host report or lease check.
+with finished as (
+  update taskman.tasks t
+  set status = 'completed', result = '{"ok": true}', progress = 100, completed_at = now(),
+      updated_at = now(), attempt_count = t.attempt_count + 1, last_polled_at = now(),
+      next_poll_at = null
+  where t.task_id = any(%(ids)s::uuid[])
+  returning t.task_id, t.user_id
+),
+unscheduled as (
+  update taskman_private.task_schedule s
+  set next_poll_at = null, lease_owner = null, lease_expires_at = null,
+      attempt_count = s.attempt_count + 1, last_polled_at = now(), last_http_status = 200
+  where s.task_id = any(%(ids)s::uuid[])
+)
+insert into taskman.task_events (task_id, user_id, event_type, from_status, to_status, detail)
+select f.task_id, f.user_id, 'status_changed', 'pending', 'completed', '{}' from finished f
+
 -- name: duplicate_polls
 -- Polls beyond each task's first (tasks that complete on their first poll).
 select coalesce(sum(greatest(s.attempt_count - 1, 0)), 0)::bigint
