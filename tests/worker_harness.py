@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +58,32 @@ def running_worker(database_url: str, jobs: Sequence[PeriodicJob] = (),
     finally:
         control["loop"].call_soon_threadsafe(control["stop"].set)
         thread.join(30)
-        assert not thread.is_alive(), "the worker did not stop"
+        if thread.is_alive():
+            raise AssertionError(f"the worker did not stop:\n{_stacks(thread, control['loop'])}")
+
+
+def _stacks(thread: threading.Thread, loop: asyncio.AbstractEventLoop) -> str:
+    """Where a worker that does not stop is: its thread's stack, and each of its asyncio
+    tasks' stack (when its loop still runs callbacks)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    parts = ["thread:\n" + "".join(traceback.format_stack(frame))] if frame else []
+    collected = threading.Event()
+    found: list[str] = []
+
+    def collect() -> None:
+        out = io.StringIO()
+        for task in asyncio.all_tasks(loop):
+            print(repr(task), file=out)
+            task.print_stack(limit=8, file=out)
+        found.append(out.getvalue())
+        collected.set()
+
+    try:
+        loop.call_soon_threadsafe(collect)
+    except RuntimeError as exc:  # the loop is closed
+        return "\n".join([*parts, f"tasks: {exc}"])
+    parts.append(found[0] if collected.wait(2) else "tasks: the loop runs no callbacks")
+    return "\n".join(parts)
 
 
 def start_worker_process(database_url: str, *args: str, **env: str) -> subprocess.Popen:
