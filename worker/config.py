@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     outbox_retry_max_seconds: float = Field(
         default=3_600.0, gt=0, le=86_400, alias="TASKMAN_OUTBOX_RETRY_MAX"
     )
+    # A notification still undelivered this long after it was enqueued is given up, even
+    # one that spent no attempts (its receiver's circuit open); 0: never by age.
+    outbox_max_age_hours: float = Field(
+        default=72.0, ge=0, le=87_600, alias="TASKMAN_OUTBOX_MAX_AGE_HOURS"
+    )
     # Finished tasks' history, private and schedule rows and delivered notifications
     # are deleted this many days after the task ended; 0 keeps everything.
     retention_days: float = Field(default=30, ge=0, le=36_500, alias="TASKMAN_RETENTION_DAYS")

@@ -274,6 +274,13 @@ select hosts, alerts, done
 from taskman.prune_idle_hosts(make_interval(secs => %(older_than_seconds)s::float8),
                               %(batch_size)s::integer, %(dry_run)s::boolean)
 
+-- name: give_up_stale_notifications
+-- One small batch of notifications still undelivered `older_than` after they were
+-- enqueued, given up; `done` says none is left.
+select given_up, done
+from taskman.give_up_stale_notifications(make_interval(secs => %(older_than_seconds)s::float8),
+                                         %(batch_size)s::integer)
+
 -- Remote hosts (worker.polling.hosts): the gate after each claim, what polls say about
 -- their hosts, limits, the overview (edge, CLI) and per-host metrics.
 

@@ -231,6 +231,14 @@ async def aprune_idle_hosts(conn: psycopg.AsyncConnection[Any], older_than_secon
         "older_than_seconds": older_than_seconds, "batch_size": batch_size, "dry_run": False})
 
 
+async def agive_up_stale_notifications(conn: psycopg.AsyncConnection[Any],
+                                      older_than_seconds: float, batch_size: int) -> Row:
+    """One batch: notifications still undelivered `older_than_seconds` after they were
+    enqueued are given up (``given_up``: how many); ``done`` when none is left."""
+    return await _arow(conn, "give_up_stale_notifications", {
+        "older_than_seconds": older_than_seconds, "batch_size": batch_size})
+
+
 def tasks_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return {r["status"]: r["n"] for r in _rows(conn, "tasks_by_status")}
 

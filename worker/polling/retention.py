@@ -41,22 +41,25 @@ class Retention:
 
     async def run_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Prune until nothing is left (or a round's cap); returns how many tasks."""
-        pruned = await self._batches(conn, store.aprune_finished_tasks, "tasks")
+        pruned = await in_batches(conn, store.aprune_finished_tasks, "tasks",
+                                  self.older_than_seconds)
         if pruned:
             log.info("retention pruned %d finished tasks", pruned, extra={"pruned": pruned})
-        hosts = await self._batches(conn, store.aprune_idle_hosts, "hosts")
+        hosts = await in_batches(conn, store.aprune_idle_hosts, "hosts", self.older_than_seconds)
         if hosts:
             log.info("retention pruned %d idle hosts", hosts, extra={"pruned_hosts": hosts})
         return pruned
 
-    async def _batches(self, conn: psycopg.AsyncConnection[Any],
-                       prune: Callable[..., Awaitable[Row]], counted: str) -> int:
-        """Batches of `prune` until it is done (or a round's cap); the sum of `counted`."""
-        total = 0
-        for _ in range(_MAX_BATCHES_A_ROUND):
-            row = await prune(conn, self.older_than_seconds, RETENTION_BATCH)
-            total += row[counted]
-            if row["done"]:
-                break
-            await asyncio.sleep(_BETWEEN_BATCHES_SECONDS)
-        return total
+
+async def in_batches(conn: psycopg.AsyncConnection[Any], step: Callable[..., Awaitable[Row]],
+                     counted: str, older_than_seconds: float) -> int:
+    """Batches of `step` (small, each its own transaction) until it is done, or a round's
+    cap; the sum of their `counted`."""
+    total = 0
+    for _ in range(_MAX_BATCHES_A_ROUND):
+        row = await step(conn, older_than_seconds, RETENTION_BATCH)
+        total += row[counted]
+        if row["done"]:
+            break
+        await asyncio.sleep(_BETWEEN_BATCHES_SECONDS)
+    return total

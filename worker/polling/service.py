@@ -1,5 +1,6 @@
 """The worker process: the claim/poll loop, callbacks delivered as they are enqueued, and
-Slack alerts and retention as periodic jobs (the alerts' interval is the digest window)."""
+Slack alerts, the expiry of undeliverable notifications and retention as periodic jobs
+(the alerts' interval is the digest window)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import uvloop
 
 from worker.config import Settings
 from worker.notify.completion_callbacks import callback_client
+from worker.notify.expiry import EXPIRY_INTERVAL_SECONDS, NotificationExpiry
 from worker.notify.outbox import CallbackStream, OutboxDispatcher
 from worker.notify.refusals import RefusedCallbacks
 from worker.polling.loop import PeriodicJob, Worker, new_worker_id
@@ -37,6 +39,10 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
         alerts = OutboxDispatcher(settings, worker_id, http, refusals)
         jobs = [PeriodicJob("deliver_alerts", ALERT_WINDOW_SECONDS,
                             partial(alerts.run_once, channel="slack"))]
+        expiry = NotificationExpiry(settings)
+        if expiry.enabled:
+            jobs.append(PeriodicJob("give_up_stale_notifications", EXPIRY_INTERVAL_SECONDS,
+                                    expiry.run_once))
         retention = Retention(settings)
         if retention.enabled:
             jobs.append(PeriodicJob("retention", RETENTION_INTERVAL_SECONDS, retention.run_once))

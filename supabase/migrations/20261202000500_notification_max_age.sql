@@ -1,0 +1,172 @@
+-- A notification that cannot be delivered is given up at last, however it failed. A
+-- callback whose receiver's circuit is open spends no attempt (20261201001400): its
+-- probes are given back, so a receiver that never comes back kept its callbacks
+-- undelivered forever, and task retention keeps a task with an undelivered
+-- notification. Every task finished with a callback to a dead receiver stayed.
+--
+-- give_up_stale_notifications gives up, in batches, the notifications (callbacks and
+-- Slack alerts, a task's or a host's) still undelivered `older_than` after they were
+-- enqueued: given_up_at is set, last_error says why, and a task's history gets
+-- `notification_given_up` with reason `expired`, as a dead letter by attempts does.
+-- One being sent now (leased, its lease not over) is left to its sender. The worker runs
+-- it with TASKMAN_OUTBOX_MAX_AGE_HOURS (default 72; 0: never by age).
+--
+-- prune_finished_tasks as before (same arguments, batches, cursor and counts), except
+-- that a given-up notification no longer keeps its task: a dead letter stays listed
+-- until its task ends the retention period, then goes with it. Only a notification
+-- still to be delivered keeps a finished task. The retention cursor passes such a task,
+-- so before, a task with a given-up notification was never pruned at all.
+
+create function taskman.give_up_stale_notifications(older_than interval,
+                                                    batch_size integer default 200)
+returns table (given_up bigint, done boolean)
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  stale bigint[];
+begin
+  if older_than is null or older_than < interval '0' then
+    perform taskman_private.reject('older_than', 'must be a non-negative interval');
+  end if;
+  if batch_size is null or batch_size not between 1 and 10000 then
+    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
+  end if;
+
+  -- Locked, skipping any a transaction holds (a sender claiming or recording it).
+  select array_agg(o.outbox_id) into stale
+  from (select o.outbox_id
+        from taskman_private.outbox o
+        where o.delivered_at is null and o.given_up_at is null
+          and o.created_at < now() - older_than
+          and (o.lease_owner is null or o.next_attempt_at <= now())
+        limit batch_size
+        for update skip locked) o;
+
+  with expired as (
+    update taskman_private.outbox o
+    set given_up_at = now(), lease_owner = null,
+        last_error = left('undelivered ' || pg_catalog.justify_interval(
+                            date_trunc('minute', now() - o.created_at))::text
+                          || ' after it was enqueued'
+                          || coalesce(' (last: ' || o.last_error || ')', ''), 4000)
+    where o.outbox_id = any(stale)
+    returning o.task_id, o.channel, o.attempts
+  )
+  insert into taskman.task_events (task_id, user_id, event_type, detail)
+  select e.task_id, t.user_id, 'notification_given_up',
+         jsonb_build_object('channel', e.channel, 'attempt', e.attempts, 'reason', 'expired')
+  from expired e
+  join taskman.tasks t on t.task_id = e.task_id;
+
+  return query select coalesce(cardinality(stale), 0)::bigint,
+                      coalesce(cardinality(stale), 0) < batch_size;
+end
+$$;
+
+revoke all on function taskman.give_up_stale_notifications from public, anon, authenticated;
+grant execute on function taskman.give_up_stale_notifications to service_role;
+
+-- One batch of retention (see the top).
+create or replace function taskman.prune_finished_tasks(older_than interval, batch_size integer default 200,
+                                            dry_run boolean default false)
+returns table (tasks bigint, task_rows bigint, events bigint, private_rows bigint,
+               schedule_rows bigint, outbox_rows bigint, rows_kept boolean, done boolean)
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  keep_rows boolean := taskman_private.realtime_streams_tasks();
+  cursor_at timestamptz;
+  cursor_id uuid;
+  ids uuid[];
+  last_at timestamptz;
+  last_id uuid;
+  n_tasks bigint;
+  n_rows bigint := 0;
+  n_events bigint;
+  n_private bigint;
+  n_schedule bigint;
+  n_outbox bigint;
+begin
+  if older_than is null or older_than < interval '0' then
+    perform taskman_private.reject('older_than', 'must be a non-negative interval');
+  end if;
+  if batch_size is null or batch_size not between 1 and 10000 then
+    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
+  end if;
+
+  select r.pruned_through, r.pruned_through_id into cursor_at, cursor_id
+  from taskman_private.retention_state r
+  for update;
+  if dry_run then
+    -- A dry run counts everything that would go, from the start.
+    cursor_at := '-infinity';
+    cursor_id := '00000000-0000-0000-0000-000000000000';
+  end if;
+
+  -- Rows are locked for update (skipping any a transaction holds), so a concurrent
+  -- retry_task or callback either finishes first or waits for this batch.
+  with batch as (
+    select t.task_id, t.completed_at
+    from taskman.tasks t
+    where t.status in ('completed', 'failed', 'cancelled')
+      and t.completed_at < now() - older_than
+      and (t.completed_at, t.task_id) > (cursor_at, cursor_id)
+    order by t.completed_at, t.task_id
+    limit case when dry_run then null else batch_size end
+    for update of t skip locked
+  )
+  select array_agg(b.task_id order by b.completed_at, b.task_id),
+         (array_agg(b.completed_at order by b.completed_at desc, b.task_id desc))[1],
+         (array_agg(b.task_id order by b.completed_at desc, b.task_id desc))[1]
+  into ids, last_at, last_id
+  from batch b;
+
+  if ids is null then
+    return query select 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::bigint,
+                        keep_rows, true;
+    return;
+  end if;
+
+  -- Tasks with a notification still to be delivered keep everything; one given up (a
+  -- dead letter, listed by `taskman notifications --given-up` until now) goes.
+  ids := array(
+    select i from unnest(ids) as i
+    where not exists (select 1 from taskman_private.outbox o
+                      where o.task_id = i and o.delivered_at is null
+                        and o.given_up_at is null));
+  n_tasks := cardinality(ids);
+
+  if dry_run then
+    select count(*) into n_events from taskman.task_events e where e.task_id = any(ids);
+    select count(*) into n_private from taskman_private.task_private p where p.task_id = any(ids);
+    select count(*) into n_schedule from taskman_private.task_schedule s where s.task_id = any(ids);
+    select count(*) into n_outbox from taskman_private.outbox o where o.task_id = any(ids);
+    return query select n_tasks, case when keep_rows then 0 else n_tasks end, n_events,
+                        n_private, n_schedule, n_outbox, keep_rows, true;
+    return;
+  end if;
+
+  with gone as (delete from taskman.task_events e where e.task_id = any(ids) returning 1)
+  select count(*) into n_events from gone;
+  with gone as (delete from taskman_private.task_private p where p.task_id = any(ids) returning 1)
+  select count(*) into n_private from gone;
+  with gone as (delete from taskman_private.task_schedule s where s.task_id = any(ids) returning 1)
+  select count(*) into n_schedule from gone;
+  with gone as (delete from taskman_private.outbox o
+                where o.task_id = any(ids)
+                  and (o.delivered_at is not null or o.given_up_at is not null) returning 1)
+  select count(*) into n_outbox from gone;
+  if not keep_rows then
+    with gone as (delete from taskman.tasks t where t.task_id = any(ids) returning 1)
+    select count(*) into n_rows from gone;
+  end if;
+
+  update taskman_private.retention_state
+  set pruned_through = last_at, pruned_through_id = last_id;
+
+  return query select n_tasks, n_rows, n_events, n_private, n_schedule, n_outbox, keep_rows,
+                      false;
+end
+$$;
