@@ -475,3 +475,32 @@ def test_upgrading_to_lookups_by_key_keeps_leases_and_what_hosts_hold_back(
                 " and pronamespace = 'taskman'::regnamespace").fetchall()
             assert len(settings) == 4
             assert all("enable_seqscan=off" in r["proconfig"] for r in settings)
+
+
+def test_upgrading_to_the_cheaper_held_back_holds_back_the_same_tasks(server_url,
+                                                                      tmp_path) -> None:
+    down, up = "https://down.example.com:443", "https://up.example.com:443"
+    with database_before(server_url, "20261202000600", tmp_path) as url:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            conn.execute("select taskman.set_host_limits(%s)", (json.dumps({down: 0.01}),))
+            down_ids = {str(create_task(conn, poll_url=f"{down}/jobs/{i}")["task_id"])
+                        for i in range(3)}
+            up_ids = {str(create_task(conn, poll_url=f"{up}/jobs/{i}")["task_id"])
+                      for i in range(2)}
+        assert [m.version for m in migrate(url)][:1] == ["20261202000600"]
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            claimed = {str(r["task_id"]): r["held"] for r in conn.execute(
+                "select task_id, held from taskman.claim_admitted_tasks('new', 100, 60, 60, 60)")}
+            assert set(claimed) == down_ids | up_ids
+            assert sorted(claimed[t] for t in down_ids) == [False, True, True]
+            assert not any(claimed[t] for t in up_ids)
+            # Held back: due again, not leased; a batch of unrestricted hosts only holds none.
+            released = conn.execute("select count(*) as n from taskman_private.task_schedule"
+                                    " where lease_owner is null and next_poll_at is not null"
+                                    ).fetchone()["n"]
+            assert released == 2
+            more = {str(create_task(conn, poll_url=f"{up}/more/{i}")["task_id"])
+                    for i in range(3)}
+            again = {str(r["task_id"]): r["held"] for r in conn.execute(
+                "select task_id, held from taskman.claim_admitted_tasks('new', 100, 60, 60, 60)")}
+            assert {t: h for t, h in again.items() if t in more} == dict.fromkeys(more, False)
