@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from tests.conftest import database_before
 from tests.factories import (
     create_task,
     events,
@@ -17,6 +18,8 @@ from tests.factories import (
     set_status,
     task_row,
 )
+from worker.db import queries as worker_queries
+from worker.migrate import migrate
 
 
 def _claim(conn, worker="w1", batch=100, lease=60):
@@ -276,3 +279,42 @@ def test_claim_and_record_read_rows_by_key_whatever_the_statistics_say(conn, cyc
         assert len(claimed) == 100 and set(claimed) <= set(ids)
         assert {t: _sequential_scans(fresh, t) - n for t, n in scans.items()} == dict.fromkeys(
             scans, 0)
+
+
+def test_the_workers_outbox_claim_reads_by_key_whatever_the_statistics_say(conn) -> None:
+    """As the task claim: statistics of empty tables must not make each callback claim
+    read the whole outbox or task_private."""
+    conn.execute("analyze taskman_private.task_private, taskman_private.outbox")
+    ids = [create_task(conn, callback_url=f"https://hooks.example.com/{i}",
+                       callback_headers={"Authorization": "Bearer k"})["task_id"]
+           for i in range(300)]
+    conn.execute("select taskman.update_task(t, 'completed') from unnest(%s::uuid[]) t", (ids,))
+    with psycopg.connect(conn.info.dsn, autocommit=True, row_factory=dict_row) as fresh:
+        scans = {t: _sequential_scans(fresh, t) for t in
+                 ("taskman_private.task_private", "taskman_private.outbox")}
+        claimed = fresh.execute(worker_queries()["claim_outbox"], {
+            "worker_id": "w1", "batch_size": 100, "lease_seconds": 60,
+            "only_channel": "callback", "skip_hosts": None}).fetchall()
+        assert len(claimed) == 100
+        assert {r["headers"]["Authorization"] for r in claimed} == {"Bearer k"}
+        assert {t: _sequential_scans(fresh, t) - n for t, n in scans.items()} == dict.fromkeys(
+            scans, 0)
+
+
+def test_upgrading_to_deliveries_by_key_claims_callbacks_enqueued_before(server_url,
+                                                                         tmp_path) -> None:
+    with database_before(server_url, "20261202000700", tmp_path) as url:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            task_id = create_task(conn, callback_url="https://hooks.example.com/a",
+                                  callback_headers={"Authorization": "Bearer k"})["task_id"]
+            conn.execute("select taskman.update_task(%s, 'completed')", (task_id,))
+        assert [m.version for m in migrate(url)][:1] == ["20261202000700"]
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            claimed = conn.execute(worker_queries()["claim_outbox"], {
+                "worker_id": "w1", "batch_size": 10, "lease_seconds": 60,
+                "only_channel": None, "skip_hosts": None}).fetchall()
+            assert [(str(r["task_id"]), r["channel"], r["headers"]) for r in claimed] == [
+                (task_id, "callback", {"Authorization": "Bearer k"})]
+            config = conn.execute("select proconfig from pg_proc where proname = 'claim_outbox'"
+                                  ).fetchone()["proconfig"]
+            assert "enable_seqscan=off" in config

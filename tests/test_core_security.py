@@ -127,7 +127,7 @@ WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_ta
                     "record_host_outcomes", "reset_host", "set_host_limits",
                     "hold_callbacks", "realtime_mode", "set_realtime_mode",
                     "claim_admitted_tasks", "record_polls", "prune_idle_hosts",
-                    "give_up_stale_notifications"}
+                    "give_up_stale_notifications", "claim_deliveries"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
                   "task_json", "host_status"}
 
@@ -155,6 +155,7 @@ def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:
     "select * from taskman.prune_finished_tasks(interval '0', 10, false)",
     "select * from taskman.prune_idle_hosts(interval '0', 10, false)",
     "select * from taskman.give_up_stale_notifications(interval '0', 10)",
+    "select * from taskman.claim_deliveries('evil', 10, 60)",
     "select * from taskman.admit_tasks('w1', '[]')",
     "select * from taskman.claim_admitted_tasks('evil', 10, 60)",
     "select taskman.record_polls('w1', '[]')",

@@ -162,13 +162,11 @@ order by e.event_id
 -- name: claim_outbox
 -- Payloads come as JSON text and are parsed row by row: one that Python cannot
 -- read (nested thousands deep, say) fails alone instead of the whole claim.
--- A callback comes with its task's callback_headers (service-only), one join.
-select c.outbox_id, c.task_id, c.channel, c.payload::text as payload, c.attempts,
-       case when c.channel = 'callback' then p.callback_headers end as headers
-from taskman.claim_outbox(%(worker_id)s::text, %(batch_size)s::integer,
-                         %(lease_seconds)s::integer, %(only_channel)s::text,
-                         %(skip_hosts)s::text[]) c
-left join taskman_private.task_private p on p.task_id = c.task_id
+-- A callback comes with its task's callback_headers (service-only).
+select outbox_id, task_id, channel, payload::text as payload, attempts, headers
+from taskman.claim_deliveries(%(worker_id)s::text, %(batch_size)s::integer,
+                              %(lease_seconds)s::integer, %(only_channel)s::text,
+                              %(skip_hosts)s::text[])
 
 -- name: record_outbox_results
 select outcome from taskman.record_outbox_results(%(results)s::jsonb, %(max_attempts)s::integer,
