@@ -22,6 +22,8 @@ create function taskman.give_up_stale_notifications(older_than interval,
 returns table (given_up bigint, done boolean)
 language plpgsql volatile security definer
 set search_path = ''
+-- The undelivered rows by outbox_due_idx, never the delivered ones kept for retention.
+set enable_seqscan = off
 as $$
 declare
   stale bigint[];
