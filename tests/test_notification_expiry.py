@@ -140,8 +140,34 @@ def test_bad_arguments_are_refused_and_change_nothing(conn, older_than, batch_si
     assert _outbox(conn, outbox_id)["given_up_at"] is None
 
 
+def test_a_task_retention_reached_while_its_callback_was_pending_goes_once_it_is_sent(
+        conn) -> None:
+    task_id, outbox_id = _callback(conn, "https://slow.example.com/hook", "1 hour")
+    later = create_task(conn)["task_id"]
+    conn.execute("select taskman.update_task(%s, 'completed')", (later,))
+    conn.execute("update taskman.tasks set completed_at = now() - interval '40 days'"
+                 " where task_id = %s", (task_id,))
+    conn.execute("update taskman.tasks set completed_at = now() - interval '39 days'"
+                 " where task_id = %s", (later,))
+    assert _prune(conn) == {"tasks": 1, "done": False}  # the later one; the cursor passes both
+    assert _prune(conn) == {"tasks": 0, "done": True}
+    conn.execute("update taskman_private.outbox set delivered_at = now() where outbox_id = %s",
+                 (outbox_id,))
+    assert _prune(conn) == {"tasks": 1, "done": True}
+    assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 0
+    assert conn.execute("select count(*) as n from taskman_private.retention_deferred"
+                        ).fetchone()["n"] == 0
+
+
+def _prune(conn) -> dict:
+    return conn.execute("select tasks, done from taskman.prune_finished_tasks("
+                        "interval '30 days', 200, false)").fetchone()
+
+
 def test_upgrading_gives_up_what_a_deployed_database_kept_and_prunes_its_dead_letters(
         server_url, tmp_path) -> None:
+    """Before the upgrade, retention passed both tasks for good: one kept by a dead letter,
+    one by a callback its receiver's open circuit held."""
     with database_before(server_url, "20261202000500", tmp_path) as url:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             _, dead_id = _callback(conn, "https://gone.example.com/hook", "40 days",
@@ -150,12 +176,11 @@ def test_upgrading_gives_up_what_a_deployed_database_kept_and_prunes_its_dead_le
                          " '39 days' where outbox_id = %s", (dead_id,))
             _, held_id = _callback(conn, "https://down.example.com/hook", "5 days")
             conn.execute("update taskman.tasks set completed_at = now() - interval '40 days'")
-            prune = ("select tasks from taskman.prune_finished_tasks(interval '30 days', 200,"
-                     " true)")
-            assert conn.execute(prune).fetchone()["tasks"] == 0  # both kept before
+            assert _prune(conn)["tasks"] == 0  # both kept, and the cursor went past them
         assert [m.version for m in migrate(url)][:1] == ["20261202000500"]
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-            assert conn.execute(prune).fetchone()["tasks"] == 1
+            assert _prune(conn)["tasks"] == 1  # the dead letter's
             assert _give_up(conn, "72 hours") == {"given_up": 1, "done": True}
             assert _outbox(conn, held_id)["given_up_at"] is not None
-            assert conn.execute(prune).fetchone()["tasks"] == 2
+            assert _prune(conn)["tasks"] == 1
+            assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 0

@@ -11,11 +11,15 @@
 -- One being sent now (leased, its lease not over) is left to its sender. The worker runs
 -- it with TASKMAN_OUTBOX_MAX_AGE_HOURS (default 72; 0: never by age).
 --
--- prune_finished_tasks as before (same arguments, batches, cursor and counts), except
--- that a given-up notification no longer keeps its task: a dead letter stays listed
--- until its task ends the retention period, then goes with it. Only a notification
--- still to be delivered keeps a finished task. The retention cursor passes such a task,
--- so before, a task with a given-up notification was never pruned at all.
+-- prune_finished_tasks as before (same arguments, batches, cursor and counts), except:
+-- - a given-up notification no longer keeps its task: a dead letter stays listed until
+--   its task ends the retention period, then goes with it. Only a notification still to
+--   be delivered keeps a finished task.
+-- - a task kept that way is not lost behind the cursor: it waits in
+--   taskman_private.retention_deferred, and a later batch takes it once its
+--   notifications are delivered or given up. Before, the cursor passed it for good, so a
+--   task with a given-up notification, or one still retrying when retention reached it,
+--   kept its history, private rows and notifications for ever.
 
 create function taskman.give_up_stale_notifications(older_than interval,
                                                     batch_size integer default 200)
@@ -69,6 +73,25 @@ $$;
 revoke all on function taskman.give_up_stale_notifications from public, anon, authenticated;
 grant execute on function taskman.give_up_stale_notifications to service_role;
 
+-- Finished tasks retention passed while a notification of theirs was still to be
+-- delivered; each batch takes those whose notifications have since been delivered or
+-- given up. A deployed database's passed tasks are listed here once: those behind the
+-- cursor that still hold a notification not delivered (still retrying, or given up).
+create table taskman_private.retention_deferred (
+  task_id uuid primary key references taskman.tasks (task_id) on delete cascade
+);
+alter table taskman_private.retention_deferred enable row level security;
+revoke all on taskman_private.retention_deferred from public, anon, authenticated;
+grant select, insert, update, delete on taskman_private.retention_deferred to service_role;
+
+insert into taskman_private.retention_deferred (task_id)
+select t.task_id
+from taskman.tasks t, taskman_private.retention_state r
+where t.status in ('completed', 'failed', 'cancelled')
+  and (t.completed_at, t.task_id) <= (r.pruned_through, r.pruned_through_id)
+  and exists (select 1 from taskman_private.outbox o
+              where o.task_id = t.task_id and o.delivered_at is null);
+
 -- One batch of retention (see the top).
 create or replace function taskman.prune_finished_tasks(older_than interval, batch_size integer default 200,
                                             dry_run boolean default false)
@@ -82,6 +105,8 @@ declare
   cursor_at timestamptz;
   cursor_id uuid;
   ids uuid[];
+  kept uuid[];
+  revisit uuid[];
   last_at timestamptz;
   last_id uuid;
   n_tasks bigint;
@@ -125,20 +150,39 @@ begin
   into ids, last_at, last_id
   from batch b;
 
-  if ids is null then
+  -- Tasks with a notification still to be delivered keep everything, for now: the
+  -- cursor passes them, so they wait in retention_deferred. One given up (a dead letter,
+  -- listed by `taskman notifications --given-up` until now) goes with its task.
+  kept := array(
+    select i from unnest(ids) as i
+    where exists (select 1 from taskman_private.outbox o
+                  where o.task_id = i and o.delivered_at is null and o.given_up_at is null));
+  ids := array(select i from unnest(ids) as i where i <> all (kept));
+
+  if not dry_run then
+    -- Tasks passed that way before, whose notifications are all delivered or given up
+    -- now. (A dry run reads every finished task from the start: it counts them already.)
+    select array_agg(d.task_id) into revisit
+    from (select d.task_id
+          from taskman_private.retention_deferred d
+          join taskman.tasks t on t.task_id = d.task_id
+          where not exists (select 1 from taskman_private.outbox o
+                            where o.task_id = d.task_id and o.delivered_at is null
+                              and o.given_up_at is null)
+          limit batch_size
+          for update of t skip locked) d;
+    insert into taskman_private.retention_deferred (task_id)
+    select unnest(kept) on conflict do nothing;
+    delete from taskman_private.retention_deferred d where d.task_id = any(revisit);
+    ids := ids || coalesce(revisit, '{}');
+  end if;
+  n_tasks := cardinality(ids);
+
+  if last_id is null and n_tasks = 0 then
     return query select 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::bigint, 0::bigint,
                         keep_rows, true;
     return;
   end if;
-
-  -- Tasks with a notification still to be delivered keep everything; one given up (a
-  -- dead letter, listed by `taskman notifications --given-up` until now) goes.
-  ids := array(
-    select i from unnest(ids) as i
-    where not exists (select 1 from taskman_private.outbox o
-                      where o.task_id = i and o.delivered_at is null
-                        and o.given_up_at is null));
-  n_tasks := cardinality(ids);
 
   if dry_run then
     select count(*) into n_events from taskman.task_events e where e.task_id = any(ids);
@@ -165,10 +209,13 @@ begin
     select count(*) into n_rows from gone;
   end if;
 
-  update taskman_private.retention_state
-  set pruned_through = last_at, pruned_through_id = last_id;
+  if last_id is not null then
+    update taskman_private.retention_state
+    set pruned_through = last_at, pruned_through_id = last_id;
+  end if;
 
+  -- Done when the cursor found nothing and the deferred tasks fit in this batch.
   return query select n_tasks, n_rows, n_events, n_private, n_schedule, n_outbox, keep_rows,
-                      false;
+                      last_id is null and coalesce(cardinality(revisit), 0) < batch_size;
 end
 $$;
