@@ -166,8 +166,8 @@ def _prune(conn) -> dict:
 
 def test_upgrading_gives_up_what_a_deployed_database_kept_and_prunes_its_dead_letters(
         server_url, tmp_path) -> None:
-    """Before the upgrade, retention passed both tasks for good: one kept by a dead letter,
-    one by a callback its receiver's open circuit held."""
+    """Before the upgrade, retention passed both tasks for good (one kept by a dead letter,
+    one by a callback its receiver's open circuit held) and never took given-up alerts."""
     with database_before(server_url, "20261202000500", tmp_path) as url:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             _, dead_id = _callback(conn, "https://gone.example.com/hook", "40 days",
@@ -177,6 +177,10 @@ def test_upgrading_gives_up_what_a_deployed_database_kept_and_prunes_its_dead_le
             _, held_id = _callback(conn, "https://down.example.com/hook", "5 days")
             conn.execute("update taskman.tasks set completed_at = now() - interval '40 days'")
             assert _prune(conn)["tasks"] == 0  # both kept, and the cursor went past them
+            # A circuit's alert, given up at once without Slack settings: never pruned.
+            conn.execute("insert into taskman_private.outbox (channel, payload, created_at,"
+                         " given_up_at) values ('slack', '{}', now() - interval '40 days',"
+                         " now() - interval '40 days')")
         assert [m.version for m in migrate(url)][:1] == ["20261202000500"]
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
             assert _prune(conn)["tasks"] == 1  # the dead letter's
@@ -184,3 +188,5 @@ def test_upgrading_gives_up_what_a_deployed_database_kept_and_prunes_its_dead_le
             assert _outbox(conn, held_id)["given_up_at"] is not None
             assert _prune(conn)["tasks"] == 1
             assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 0
+            assert conn.execute("select alerts from taskman.prune_idle_hosts(interval '30 days')"
+                                ).fetchone()["alerts"] == 1

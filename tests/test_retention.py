@@ -198,7 +198,7 @@ def _outbox_left(conn) -> set[int]:
     return {r["outbox_id"] for r in conn.execute("select outbox_id from taskman_private.outbox")}
 
 
-def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_delivered_alerts(
+def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_finished_alerts(
         conn, database_url) -> None:
     # Made as the worker makes it: a failed poll reported, then the host answering again.
     conn.execute("select * from taskman.record_host_outcomes('w1', %s)", (json.dumps(
@@ -211,9 +211,10 @@ def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_delivered_alerts(
           paused_until="infinity")
     _host(conn, "https://recent.example.com:443", "1 day")
     old_delivered = _alert(conn, "https://open.example.com:443", "10 days", delivered=True)
+    old_given_up = _alert(conn, "https://open.example.com:443", "10 days", given_up=True)
     kept_alerts = {_alert(conn, "https://open.example.com:443", "1 day", delivered=True),
-                   _alert(conn, "https://open.example.com:443", "10 days"),
-                   _alert(conn, "https://open.example.com:443", "10 days", given_up=True)}
+                   _alert(conn, "https://open.example.com:443", "1 day", given_up=True),
+                   _alert(conn, "https://open.example.com:443", "10 days")}
     # A task's delivered notification is task retention's, with its task.
     task = create_task(conn, callback_url="https://hooks.example.com/a")["task_id"]
     _finish(conn, task, "1 day")
@@ -223,14 +224,14 @@ def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_delivered_alerts(
 
     dry = taskman(database_url, "prune", "--older-than", "7d", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would prune 1 idle hosts and 1 delivered host alerts" in dry.stdout
+    assert "would prune 1 idle hosts and 2 host alerts delivered or given up" in dry.stdout
     assert (_hosts_left(conn), _outbox_left(conn)) == (hosts, outbox)
 
     done = taskman(database_url, "prune", "--older-than", "7d")
     assert done.returncode == 0, done.stderr
-    assert "pruned 1 idle hosts and 1 delivered host alerts" in done.stdout
+    assert "pruned 1 idle hosts and 2 host alerts delivered or given up" in done.stdout
     assert _hosts_left(conn) == hosts - {"https://flaky.example.com:443"}
-    assert _outbox_left(conn) == outbox - {old_delivered}
+    assert _outbox_left(conn) == outbox - {old_delivered, old_given_up}
     assert kept_alerts <= _outbox_left(conn)
 
     # Polled again, the host gets a new row.
@@ -290,6 +291,6 @@ def test_upgrade_prunes_hosts_and_alerts_a_deployed_database_already_has(
         migrate(url)
         done = taskman(url, "prune", "--older-than", "30d")
         assert done.returncode == 0, done.stderr
-        assert "pruned 1 idle hosts and 1 delivered host alerts" in done.stdout
+        assert "pruned 1 idle hosts and 1 host alerts delivered or given up" in done.stdout
         assert _hosts_left(old) == {"https://down.example.com:443"}  # still open
         assert _outbox_left(old) == set()

@@ -267,7 +267,7 @@ from taskman.prune_finished_tasks(make_interval(secs => %(older_than_seconds)s::
 
 -- name: prune_idle_hosts
 -- One small batch of what belongs to no task: host rows with nothing to keep and
--- delivered host alerts; `done` says nothing older is left.
+-- host alerts delivered or given up; `done` says nothing older is left.
 select hosts, alerts, done
 from taskman.prune_idle_hosts(make_interval(secs => %(older_than_seconds)s::float8),
                               %(batch_size)s::integer, %(dry_run)s::boolean)

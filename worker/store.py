@@ -216,7 +216,7 @@ async def aprune_finished_tasks(conn: psycopg.AsyncConnection[Any], older_than_s
 def prune_idle_hosts(conn: psycopg.Connection[Any], older_than_seconds: float,
                      batch_size: int, *, dry_run: bool = False) -> Row:
     """One batch of retention for what belongs to no task: how many host rows with
-    nothing to keep (``hosts``) and delivered host alerts (``alerts``) went, untouched
+    nothing to keep (``hosts``) and host alerts delivered or given up (``alerts``) went, untouched
     for `older_than_seconds`; ``done`` when nothing older is left. A dry run counts
     everything it would delete, changing nothing."""
     return _rows(conn, "prune_idle_hosts", {

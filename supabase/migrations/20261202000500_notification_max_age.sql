@@ -20,6 +20,10 @@
 --   notifications are delivered or given up. Before, the cursor passed it for good, so a
 --   task with a given-up notification, or one still retrying when retention reached it,
 --   kept its history, private rows and notifications for ever.
+--
+-- prune_idle_hosts as before, except that host alerts given up that long ago go too, as
+-- delivered ones do. Without Slack settings every alert of a circuit opening or closing
+-- is given up at once, so they were never pruned.
 
 create function taskman.give_up_stale_notifications(older_than interval,
                                                     batch_size integer default 200)
@@ -217,5 +221,54 @@ begin
   -- Done when the cursor found nothing and the deferred tasks fit in this batch.
   return query select n_tasks, n_rows, n_events, n_private, n_schedule, n_outbox, keep_rows,
                       last_id is null and coalesce(cardinality(revisit), 0) < batch_size;
+end
+$$;
+
+-- Idle hosts and old host alerts (see the top).
+create or replace function taskman.prune_idle_hosts(older_than interval, batch_size integer default 200,
+                                        dry_run boolean default false)
+returns table (hosts bigint, alerts bigint, done boolean)
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  idle_hosts text[];
+  old_alerts bigint[];
+begin
+  if older_than is null or older_than < interval '0' then
+    perform taskman_private.reject('older_than', 'must be a non-negative interval');
+  end if;
+  if batch_size is null or batch_size not between 1 and 10000 then
+    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
+  end if;
+
+  -- Locked, skipping any a transaction holds: a worker recording a poll of the host
+  -- either goes first (then updated_at is now and the row stays) or inserts it again
+  -- after. A dry run counts everything, from the start, and deletes nothing.
+  select array_agg(h.host) into idle_hosts
+  from (select h.host
+        from taskman_private.hosts h
+        where h.updated_at < now() - older_than and h.state = 'closed'
+          and h.rate_limit is null
+          and (h.paused_until is null or h.paused_until <= now())
+          and (h.resume_until is null or h.resume_until <= now())
+        limit case when dry_run then null else batch_size end
+        for update skip locked) h;
+  select array_agg(o.outbox_id) into old_alerts
+  from (select o.outbox_id
+        from taskman_private.outbox o
+        where o.task_id is null
+          and coalesce(o.delivered_at, o.given_up_at) < now() - older_than
+        limit case when dry_run then null else batch_size end
+        for update skip locked) o;
+
+  if not dry_run then
+    delete from taskman_private.hosts h where h.host = any(idle_hosts);
+    delete from taskman_private.outbox o where o.outbox_id = any(old_alerts);
+  end if;
+  return query select coalesce(cardinality(idle_hosts), 0)::bigint,
+                      coalesce(cardinality(old_alerts), 0)::bigint,
+                      dry_run or (coalesce(cardinality(idle_hosts), 0) < batch_size
+                                  and coalesce(cardinality(old_alerts), 0) < batch_size);
 end
 $$;

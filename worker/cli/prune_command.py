@@ -1,9 +1,10 @@
 """CLI command ``taskman prune``: apply retention once, now.
 
 ``taskman prune --older-than 7d`` deletes, in small batches, the tasks that ended more
-than 7 days ago with their history, private and schedule rows and delivered notifications
-(the worker does the same every minute with ``TASKMAN_RETENTION_DAYS``), then the host
-rows with nothing to keep and the delivered host alerts untouched for as long, and says
+than 7 days ago with their history, private and schedule rows and their delivered or
+given-up notifications (the worker does the same every minute with
+``TASKMAN_RETENTION_DAYS``), then the host
+rows with nothing to keep and the host alerts delivered or given up as long ago, and says
 how many rows went. While Supabase Realtime streams ``taskman.tasks`` the task rows stay and
 it says so. ``--dry-run`` counts them and changes nothing.
 """
@@ -54,7 +55,7 @@ def cmd_prune(conninfo: str, args: argparse.Namespace) -> int:
     counts = ", ".join(f"{totals[kind]:,} {label}" for kind, label in _KINDS)
     verb = "would prune" if args.dry_run else "pruned"
     print(f"{verb} {totals['tasks']:,} finished tasks: {counts}")
-    print(f"{verb} {hosts:,} idle hosts and {alerts:,} delivered host alerts")
+    print(f"{verb} {hosts:,} idle hosts and {alerts:,} host alerts delivered or given up")
     if rows_kept:
         print("task rows kept: Supabase Realtime streams taskman.tasks and would send every"
               " deleted row to every subscriber (README: Retention)")

@@ -2,9 +2,9 @@
 
 Every ``RETENTION_INTERVAL_SECONDS`` the worker prunes, batch after batch (each its
 own short transaction), what ended more than ``TASKMAN_RETENTION_DAYS`` ago: task rows,
-history, private and schedule rows, delivered notifications
+history, private and schedule rows, delivered and given-up notifications
 (``taskman.prune_finished_tasks``); then what belongs to no task and was not touched
-for as long: host rows with nothing to keep and delivered host alerts
+for as long: host rows with nothing to keep and host alerts delivered or given up
 (``taskman.prune_idle_hosts``). While Supabase Realtime streams taskman.tasks the task
 rows stay (README: Retention).
 """
