@@ -193,21 +193,27 @@ class PostgREST:
         self.conn.close()
 
 
-@pytest.fixture
-def api(database_url: str) -> Iterator[PostgREST]:
+@contextmanager
+def _postgrest(database_url: str) -> Iterator[PostgREST]:
     client = PostgREST(_with_database(database_url, urlsplit(database_url).path[1:],
                                       user="authenticator"))
-    yield client
-    client.close()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def api(database_url: str) -> Iterator[PostgREST]:
+    with _postgrest(database_url) as client:
+        yield client
 
 
 @pytest.fixture
 def other_api(database_url: str) -> Iterator[PostgREST]:
     """A second PostgREST connection, for requests that run while one of api's is open."""
-    client = PostgREST(_with_database(database_url, urlsplit(database_url).path[1:],
-                                      user="authenticator"))
-    yield client
-    client.close()
+    with _postgrest(database_url) as client:
+        yield client
 
 
 @pytest.fixture
