@@ -25,6 +25,24 @@
 -- delivered ones do. Without Slack settings every alert of a circuit opening or closing
 -- is given up at once, so they were never pruned.
 
+-- The arguments of a retention or expiry batch (22023 for each that cannot be used).
+create function taskman_private.check_batch(older_than interval, batch_size integer)
+returns void
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  if older_than is null or older_than < interval '0' then
+    perform taskman_private.reject('older_than', 'must be a non-negative interval');
+  end if;
+  if batch_size is null or batch_size not between 1 and 10000 then
+    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
+  end if;
+end
+$$;
+
+revoke all on function taskman_private.check_batch from public, anon, authenticated;
+
 create function taskman.give_up_stale_notifications(older_than interval,
                                                     batch_size integer default 200)
 returns table (given_up bigint, done boolean)
@@ -36,12 +54,7 @@ as $$
 declare
   stale bigint[];
 begin
-  if older_than is null or older_than < interval '0' then
-    perform taskman_private.reject('older_than', 'must be a non-negative interval');
-  end if;
-  if batch_size is null or batch_size not between 1 and 10000 then
-    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
-  end if;
+  perform taskman_private.check_batch(older_than, batch_size);
 
   -- Locked, skipping any a transaction holds (a sender claiming or recording it).
   select array_agg(o.outbox_id) into stale
@@ -120,12 +133,7 @@ declare
   n_schedule bigint;
   n_outbox bigint;
 begin
-  if older_than is null or older_than < interval '0' then
-    perform taskman_private.reject('older_than', 'must be a non-negative interval');
-  end if;
-  if batch_size is null or batch_size not between 1 and 10000 then
-    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
-  end if;
+  perform taskman_private.check_batch(older_than, batch_size);
 
   select r.pruned_through, r.pruned_through_id into cursor_at, cursor_id
   from taskman_private.retention_state r
@@ -235,12 +243,7 @@ declare
   idle_hosts text[];
   old_alerts bigint[];
 begin
-  if older_than is null or older_than < interval '0' then
-    perform taskman_private.reject('older_than', 'must be a non-negative interval');
-  end if;
-  if batch_size is null or batch_size not between 1 and 10000 then
-    perform taskman_private.reject('batch_size', 'must be between 1 and 10000');
-  end if;
+  perform taskman_private.check_batch(older_than, batch_size);
 
   -- Locked, skipping any a transaction holds: a worker recording a poll of the host
   -- either goes first (then updated_at is now and the row stays) or inserts it again
