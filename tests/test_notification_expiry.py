@@ -159,6 +159,21 @@ def test_a_task_retention_reached_while_its_callback_was_pending_goes_once_it_is
                         ).fetchone()["n"] == 0
 
 
+def test_a_task_waiting_for_retention_that_is_retried_stays_while_it_is_live(conn) -> None:
+    task_id = callback_tasks(conn, ["https://slow.example.com/hook"])[0]
+    conn.execute("select taskman.update_task(%s, 'failed')", (task_id,))
+    conn.execute("update taskman.tasks set completed_at = now() - interval '40 days'"
+                 " where task_id = %s", (task_id,))
+    assert _prune(conn)["tasks"] == 0  # its callback and alert are pending: it waits
+    conn.execute("select taskman.retry_task(%s)", (task_id,))  # live again
+    conn.execute("update taskman_private.outbox set delivered_at = now() where task_id = %s",
+                 (task_id,))
+    assert _prune(conn)["tasks"] == 0
+    assert conn.execute("select status from taskman.tasks where task_id = %s",
+                        (task_id,)).fetchone()["status"] == "pending"
+    assert events(conn, task_id)  # its history is all there
+
+
 def _prune(conn) -> dict:
     return conn.execute("select tasks, done from taskman.prune_finished_tasks("
                         "interval '30 days', 200, false)").fetchone()

@@ -174,19 +174,24 @@ begin
   if not dry_run then
     -- Tasks passed that way before, whose notifications are all delivered or given up
     -- now. (A dry run reads every finished task from the start: it counts them already.)
+    -- Still finished, still past the period and behind the cursor: one retried since
+    -- is live, or it ended again and the cursor will reach it.
     select array_agg(d.task_id) into revisit
     from (select d.task_id
           from taskman_private.retention_deferred d
           join taskman.tasks t on t.task_id = d.task_id
-          where not exists (select 1 from taskman_private.outbox o
+          where t.status in ('completed', 'failed', 'cancelled')
+            and t.completed_at < now() - older_than
+            and (t.completed_at, t.task_id) <= (cursor_at, cursor_id)
+            and not exists (select 1 from taskman_private.outbox o
                             where o.task_id = d.task_id and o.delivered_at is null
                               and o.given_up_at is null)
           limit batch_size
           for update of t skip locked) d;
+    ids := ids || coalesce(revisit, '{}');
+    delete from taskman_private.retention_deferred d where d.task_id = any(ids);
     insert into taskman_private.retention_deferred (task_id)
     select unnest(kept) on conflict do nothing;
-    delete from taskman_private.retention_deferred d where d.task_id = any(revisit);
-    ids := ids || coalesce(revisit, '{}');
   end if;
   n_tasks := cardinality(ids);
 
