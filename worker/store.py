@@ -216,9 +216,9 @@ async def aprune_finished_tasks(conn: psycopg.AsyncConnection[Any], older_than_s
 def prune_idle_hosts(conn: psycopg.Connection[Any], older_than_seconds: float,
                      batch_size: int, *, dry_run: bool = False) -> Row:
     """One batch of retention for what belongs to no task: how many host rows with
-    nothing to keep (``hosts``) and host alerts delivered or given up (``alerts``) went, untouched
-    for `older_than_seconds`; ``done`` when nothing older is left. A dry run counts
-    everything it would delete, changing nothing."""
+    nothing to keep (``hosts``) and host alerts delivered or given up (``alerts``) went,
+    untouched for `older_than_seconds`; ``done`` when nothing older is left. A dry run
+    counts everything it would delete, changing nothing."""
     return _rows(conn, "prune_idle_hosts", {
         "older_than_seconds": older_than_seconds, "batch_size": batch_size,
         "dry_run": dry_run})[0]

@@ -3,10 +3,10 @@
 ``taskman prune --older-than 7d`` deletes, in small batches, the tasks that ended more
 than 7 days ago with their history, private and schedule rows and their delivered or
 given-up notifications (the worker does the same every minute with
-``TASKMAN_RETENTION_DAYS``), then the host
-rows with nothing to keep and the host alerts delivered or given up as long ago, and says
-how many rows went. While Supabase Realtime streams ``taskman.tasks`` the task rows stay and
-it says so. ``--dry-run`` counts them and changes nothing.
+``TASKMAN_RETENTION_DAYS``), then the host rows with nothing to keep and the host alerts
+delivered or given up as long ago, and says how many rows went. While Supabase Realtime
+streams ``taskman.tasks`` the task rows stay and it says so. ``--dry-run`` counts them and
+changes nothing.
 """
 
 from __future__ import annotations
