@@ -169,6 +169,50 @@ def test_a_task_another_transaction_holds_is_skipped_then_pruned(conn, database_
     assert task_row(conn, task_id) is None
 
 
+@pytest.mark.parametrize("lock", ["for update", "for key share"])
+def test_a_held_task_between_others_is_pruned_once_released(conn, database_url, lock) -> None:
+    # The cursor passes the batch's last task; a task it skipped because another
+    # transaction held it (a retry, an event's key check) comes back once released.
+    ids = []
+    for ended_ago in ("12 days", "11 days", "10 days"):
+        ids.append(create_task(conn)["task_id"])
+        _finish(conn, ids[-1], ended_ago)
+    with psycopg.connect(database_url, autocommit=False) as other:
+        other.execute(f"select 1 from taskman.tasks where task_id = %s {lock}", (ids[1],))
+        held = taskman(database_url, "prune", "--older-than", "7d")
+        assert held.stdout.startswith("pruned 2 finished tasks")
+        assert task_row(conn, ids[1]) is not None
+    done = taskman(database_url, "prune", "--older-than", "7d")
+    assert done.stdout.startswith("pruned 1 finished tasks: 1 task rows")
+    assert task_row(conn, ids[1]) is None and _left(conn, ids[1]) == dict.fromkeys(
+        ("events", "private", "schedule", "outbox"), 0)
+
+
+def test_upgrade_lists_the_tasks_retention_passed_while_they_were_held(
+        server_url, tmp_path) -> None:
+    with database_before(server_url, "20261202000900", tmp_path) as url:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            ids = []
+            for ended_ago in ("12 days", "11 days", "10 days"):
+                ids.append(create_task(conn)["task_id"])
+                _finish(conn, ids[-1], ended_ago)
+            with psycopg.connect(url, autocommit=False) as other:
+                other.execute("select 1 from taskman.tasks where task_id = %s for update",
+                              (ids[1],))
+                conn.execute("select * from taskman.prune_finished_tasks('7 days')")
+            conn.execute("select * from taskman.prune_finished_tasks('7 days')")
+            assert task_row(conn, ids[1]) is not None  # passed for good before
+        assert [m.version for m in migrate(url)][:1] == ["20261202000900"]
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            pruned = conn.execute("select * from taskman.prune_finished_tasks('7 days')"
+                                  ).fetchone()
+            assert (pruned["tasks"], pruned["task_rows"]) == (1, 1)
+            assert task_row(conn, ids[1]) is None and _left(conn, ids[1]) == dict.fromkeys(
+                ("events", "private", "schedule", "outbox"), 0)
+            assert conn.execute("select count(*) as n from taskman_private.retention_deferred"
+                                ).fetchone()["n"] == 0
+
+
 def _host(conn, host: str, touched_ago: str, **state) -> None:
     """A host row with `state` (column values), last changed `touched_ago`."""
     names = ", ".join(["host", *state])
