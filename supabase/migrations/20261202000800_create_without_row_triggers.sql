@@ -202,11 +202,10 @@ alter policy "Users create tasks they own" on taskman.tasks
   with check (user_id = (select auth.uid())
               and current_setting('taskman.task_creator', true) is distinct from 'on');
 
--- A schedule row that comes with its host needs no look at its task.
+-- Every schedule row comes with its host now (add_task_rows is its one writer), so
+-- the trigger that looked it up from the task has nothing left to do.
 drop trigger task_schedule_set_host on taskman_private.task_schedule;
-create trigger task_schedule_set_host before insert on taskman_private.task_schedule
-  for each row when (new.host is null)
-  execute function taskman_private.task_schedule_set_host();
+drop function taskman_private.task_schedule_set_host();
 
 -- create_task as in 20261202000400_create_without_savepoint.sql (same arguments, rules,
 -- errors and answers), writing the task and its rows itself.
