@@ -15,8 +15,8 @@
 -- - While create_task inserts, the transaction-local setting taskman.task_creator is
 --   'on' and the four insert triggers do not fire (their WHEN conditions), as
 --   taskman.poll_writer works for the record path. Every other INSERT into
---   taskman.tasks goes through the triggers as before, and so does a client's own
---   (as anon or authenticated) whatever it sets.
+--   taskman.tasks goes through the triggers as before. A client's own INSERT with the
+--   setting on is refused by the insert policy (42501).
 -- - task_schedule and task_private lose their foreign keys to taskman.tasks. Only
 --   Taskman's functions write these service-only tables, for a task they have just
 --   made or hold. Deleting a task still deletes its rows there: tasks_delete_rows,
