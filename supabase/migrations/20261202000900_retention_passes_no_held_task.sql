@@ -24,6 +24,8 @@ language plpgsql security definer
 set search_path = ''
 as $$
 begin
+  -- The schedule rows first: a poll being recorded holds its task's schedule row, so
+  -- this waits for it, and the next statement sees the private row it wrote.
   delete from taskman_private.task_schedule s where s.task_id in (select g.task_id from gone g);
   delete from taskman_private.task_private p where p.task_id in (select g.task_id from gone g);
   delete from taskman_private.retention_deferred d
