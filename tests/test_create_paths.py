@@ -131,11 +131,14 @@ def test_an_insert_after_create_task_in_one_transaction_goes_through_the_rules(c
                         (inserted,)).fetchone() == {"host": "https://api.example.com:443"}
 
 
-def test_deleting_tasks_deletes_their_schedule_and_private_rows(conn) -> None:
+def test_deleting_tasks_deletes_their_service_side_rows(conn) -> None:
     ids = [create_task(conn, poll_headers={"Authorization": f"Bearer {i}"})["task_id"]
            for i in range(3)]
+    conn.execute("insert into taskman_private.retention_deferred (task_id)"
+                 " select unnest(%s::uuid[])", (ids[1:],))
     conn.execute("delete from taskman.tasks where task_id = any(%s::uuid[])", (ids[:2],))
-    for table in ("taskman_private.task_schedule", "taskman_private.task_private"):
+    for table in ("taskman_private.task_schedule", "taskman_private.task_private",
+                  "taskman_private.retention_deferred"):
         left = conn.execute(f"select task_id::text from {table} order by 1").fetchall()
         assert left == [{"task_id": ids[2]}], table
 

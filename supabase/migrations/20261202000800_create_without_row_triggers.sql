@@ -330,7 +330,8 @@ begin
 end
 $$;
 
--- The cascades of the two foreign keys, once per statement.
+-- The cascades of the two foreign keys, once per statement (and of retention_deferred's,
+-- which 20261202000900_retention_passes_no_held_task.sql drops).
 alter table taskman_private.task_schedule drop constraint task_schedule_task_id_fkey;
 alter table taskman_private.task_private drop constraint task_private_task_id_fkey;
 
@@ -340,8 +341,12 @@ language plpgsql security definer
 set search_path = ''
 as $$
 begin
+  -- The schedule rows first: a poll being recorded holds its task's schedule row, so
+  -- this waits for it, and the next statement sees the private row it wrote.
   delete from taskman_private.task_schedule s where s.task_id in (select g.task_id from gone g);
   delete from taskman_private.task_private p where p.task_id in (select g.task_id from gone g);
+  delete from taskman_private.retention_deferred d
+  where d.task_id in (select g.task_id from gone g);
   return null;
 end
 $$;

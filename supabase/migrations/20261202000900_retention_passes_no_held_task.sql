@@ -11,28 +11,13 @@
 --   holds it, while it is still finished, past the period and behind the cursor.
 -- - retention_deferred loses its foreign key to taskman.tasks, so that listing a held
 --   task does not wait for its holder (the key check would, behind FOR UPDATE).
---   Deleting a task still deletes its entry (tasks_delete_rows).
+--   Deleting a task still deletes its entry (tasks_delete_rows, since
+--   20261202000800_create_without_row_triggers.sql).
 -- - A deployed database's tasks passed that way are listed once: finished tasks behind
 --   the cursor that still have events (every task has its `created` event until
 --   retention takes it; one kept for a notification is listed already).
 
 alter table taskman_private.retention_deferred drop constraint retention_deferred_task_id_fkey;
-
-create or replace function taskman_private.tasks_delete_rows()
-returns trigger
-language plpgsql security definer
-set search_path = ''
-as $$
-begin
-  -- The schedule rows first: a poll being recorded holds its task's schedule row, so
-  -- this waits for it, and the next statement sees the private row it wrote.
-  delete from taskman_private.task_schedule s where s.task_id in (select g.task_id from gone g);
-  delete from taskman_private.task_private p where p.task_id in (select g.task_id from gone g);
-  delete from taskman_private.retention_deferred d
-  where d.task_id in (select g.task_id from gone g);
-  return null;
-end
-$$;
 
 create or replace function taskman.prune_finished_tasks(older_than interval, batch_size integer default 200,
                                             dry_run boolean default false)
