@@ -113,16 +113,13 @@ begin
             add_task_rows.callback_headers, add_task_rows.callback_token_hash);
   end if;
   insert into taskman_private.task_schedule (task_id, next_poll_at, priority, host)
-  values (t.task_id, t.next_poll_at, t.priority,
-          taskman_private.host_key(case when t.submit_url is not null and t.submitted_at is null
-                                        then t.submit_url else t.poll_url end));
+  values (t.task_id, t.next_poll_at, t.priority, taskman_private.request_host(t));
   insert into taskman.task_events (task_id, user_id, event_type, to_status, detail)
   values (t.task_id, t.user_id, 'created', t.status,
           jsonb_strip_nulls(jsonb_build_object(
             'task_type', t.task_type, 'polled', t.poll_url is not null,
             'submitted', case when t.submit_url is not null then false end)));
-  perform pg_catalog.pg_notify('taskman', json_build_object(
-    'task_id', t.task_id, 'status', t.status, 'user_id', t.user_id)::text);
+  perform taskman_private.notify_task(t);
 end
 $$;
 
