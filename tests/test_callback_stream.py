@@ -18,7 +18,7 @@ import pytest
 from tests.factories import create_task
 from tests.remote_api import RemoteAPI, Reply, remote_api, start_receiver
 from tests.test_outbox import SECRET, delivery_events, dispatch, end_task, make_due, make_settings
-from tests.worker_harness import start_worker_process, wait_until
+from tests.worker_harness import exit_code, start_worker_process, wait_until
 from worker.notify.completion_callbacks import verify_signature
 
 WORKER_ENV = {"TASKMAN_CALLBACK_SECRET": SECRET}
@@ -204,7 +204,7 @@ def test_sigterm_mid_send_gives_unsent_callbacks_to_another_worker_at_once(
 
         first.send_signal(signal.SIGTERM)
         slow.default = Reply(200, json={"ok": True})  # the host recovers: sent again, it answers
-        assert first.wait(timeout=25) == 0
+        assert exit_code(first, 25) == 0
         stopped = time.monotonic()
         hits = wait_until(lambda: len(slow.hits()) == 10 and slow.hits(), timeout=30)
         wait_until(lambda: undelivered(conn) == 0)

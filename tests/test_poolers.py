@@ -28,7 +28,7 @@ from tests.edge.test_events import Listener
 from tests.factories import count_status
 from tests.poolers import CHANGE_CHECK_INTERVAL, Arrangement
 from tests.remote_api import Reply
-from tests.worker_harness import REPO, start_worker_process, wait_until
+from tests.worker_harness import REPO, exit_code, start_worker_process, wait_until
 from worker.config import Settings
 from worker.db import ConfigurationError, Connections, detect_pool_mode
 from worker.devtools.pgbouncer import PgBouncer
@@ -76,7 +76,7 @@ def test_worker_finishes_every_task_and_picks_up_new_ones_at_once(pooled: Arrang
 
     assert process.poll() is None, process.stderr.read()
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=15) == 0
+    assert exit_code(process, 15) == 0
     log = process.stderr.read()
     assert "Traceback" not in log and "prepared statement" not in log
     assert log.count("checking for new tasks every 0.2s") == (1 if pooled.polls else 0)

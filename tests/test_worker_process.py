@@ -11,7 +11,7 @@ import psycopg
 
 from tests.factories import count_status
 from tests.remote_api import Reply
-from tests.worker_harness import start_worker_process, wait_until
+from tests.worker_harness import exit_code, start_worker_process, wait_until
 from worker.devtools.pgcluster import free_port
 
 DONE = Reply(json={"status": "done", "result": {"ok": True}})
@@ -80,7 +80,7 @@ def test_sigterm_records_finished_polls_releases_the_rest_and_exits_zero(
                            for i in range(5)))
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=10) == 0
+    assert exit_code(process, 10) == 0
     assert time.monotonic() - signalled < 3 + 1.5
 
     assert count_status(conn, "completed") == 5
@@ -107,7 +107,7 @@ def test_sigterm_while_the_last_polls_finish_together_exits_as_soon_as_they_are_
     wait_until(lambda: all(remote.hits(f"/apart/{i}") for i in range(4)))
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=15) == 0
+    assert exit_code(process, 15) == 0
     assert time.monotonic() - signalled < 1 + 1.5
 
     assert count_status(conn, "completed") == 4
@@ -138,7 +138,7 @@ def test_tasks_held_ready_for_a_slot_never_exceed_the_concurrency_and_go_back_at
     time.sleep(0.5)
     assert polled() == 4
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=10) == 0
+    assert exit_code(process, 10) == 0
 
     assert sum(len(remote.hits(f"/stuck/{i}")) for i in range(8)) == 4
     leftover = conn.execute("select t.status, s.lease_owner, s.next_poll_at <= now() as due"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -87,12 +88,26 @@ def _stacks(thread: threading.Thread, loop: asyncio.AbstractEventLoop) -> str:
 
 
 def start_worker_process(database_url: str, *args: str, **env: str) -> subprocess.Popen:
-    """``python -m worker.cli worker`` with the test environment; stderr is captured."""
-    environ = {**os.environ, **TEST_ENV, "DATABASE_URL": database_url, **env}
+    """``python -m worker.cli worker`` with the test environment; stderr is captured (with
+    faulthandler on, so that ``exit_code`` can have it print where a stuck worker is)."""
+    environ = {**os.environ, **TEST_ENV, "DATABASE_URL": database_url,
+               "PYTHONFAULTHANDLER": "1", **env}
     return subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "worker", *args],
         cwd=REPO, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
+
+
+def exit_code(process: subprocess.Popen, timeout: float) -> int:
+    """The exit code of a worker process. One still running after `timeout` is aborted
+    (faulthandler prints each thread's stack) and the test fails with its stderr."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=10)
+        raise AssertionError(f"the worker did not exit within {timeout}s; its stderr ends:\n"
+                             f"{stderr[-20_000:]}") from None
 
 
 def wait_until(probe: Callable[[], T], timeout: float = 20.0, interval: float = 0.05) -> T:
