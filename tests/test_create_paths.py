@@ -4,6 +4,8 @@ triggers. Both follow one set of rules and leave the same rows."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -141,6 +143,64 @@ def test_deleting_tasks_deletes_their_service_side_rows(conn) -> None:
                   "taskman_private.retention_deferred"):
         left = conn.execute(f"select task_id::text from {table} order by 1").fetchall()
         assert left == [{"task_id": ids[2]}], table
+
+
+_POLL_OUTCOMES = {
+    # Holds the task's schedule row and writes its raw error, a poll event and a retry.
+    "a failed poll": {"ok": False, "error_code": "poll_error", "http_status": 503,
+                      "raw_error": "upstream unavailable", "reason": "http_503"},
+    # Holds the task row too, and writes the result, the raw answer and the transition.
+    "the last poll": {"ok": True, "status": "completed", "http_status": 200,
+                      "raw_response": '{"state": "done"}', "result": {"state": "done"}},
+}
+
+
+def _service_side_rows(conn: psycopg.Connection, task_id: str) -> dict[str, int]:
+    return {table: conn.execute(f"select count(*) as n from {table} where task_id = %s",
+                                (task_id,)).fetchone()["n"]
+            for table in ("taskman.tasks", "taskman.task_events", "taskman_private.task_schedule",
+                          "taskman_private.task_private")}
+
+
+@pytest.mark.parametrize("outcome", sorted(_POLL_OUTCOMES))
+def test_a_task_deleted_while_its_poll_is_recorded_leaves_none_of_its_rows(
+        conn, database_url, outcome) -> None:
+    # The schedule and private rows have no foreign key: a delete must still not leave
+    # behind what a poll recorded at the same moment.
+    task_id = create_task(conn)["task_id"]
+    assert conn.execute("select task_id::text from taskman.claim_due_tasks('w1', 1, 60)"
+                        ).fetchall() == [{"task_id": task_id}]
+    failures: list[BaseException] = []
+
+    def delete() -> None:
+        try:
+            with psycopg.connect(database_url, autocommit=True) as deleter:
+                deleter.execute("select set_config('application_name', 'deleter', false)")
+                deleter.execute("delete from taskman.tasks where task_id = %s", (task_id,))
+        except BaseException as exc:  # reported by the test's thread below
+            failures.append(exc)
+
+    with psycopg.connect(database_url) as recorder:
+        recorded = recorder.execute(
+            "select count(*) from taskman.record_poll_results(%s)",
+            (json.dumps([{"task_id": task_id, "worker_id": "w1",
+                          **_POLL_OUTCOMES[outcome]}]),)).fetchone()
+        assert recorded == (1,)
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        waited = 0.0
+        while not conn.execute("select exists (select 1 from pg_stat_activity"
+                               " where application_name = 'deleter'"
+                               " and wait_event_type = 'Lock') as waits").fetchone()["waits"]:
+            assert waited < 10, "the delete did not wait for the poll being recorded"
+            time.sleep(0.02)
+            waited += 0.02
+        recorder.commit()
+    deleter.join(10)
+    assert not deleter.is_alive() and not failures
+    assert _service_side_rows(conn, task_id) == dict.fromkeys(
+        ("taskman.tasks", "taskman.task_events", "taskman_private.task_schedule",
+         "taskman_private.task_private"), 0)
 
 
 def test_upgrading_keeps_the_tasks_rows_and_their_deletes(server_url, tmp_path) -> None:

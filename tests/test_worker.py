@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import signal
 import subprocess
+import threading
 import time
+from contextlib import suppress
 
 import psycopg
 import pytest
@@ -274,6 +277,26 @@ def test_extra_periodic_jobs_run_beside_polling(database_url) -> None:
 
     with running_worker(database_url, jobs=[PeriodicJob("probe", 0.05, probe)]):
         wait_until(lambda: len(rounds) >= 3)
+
+
+def test_a_job_round_that_outlives_its_cancellation_still_lets_the_worker_stop(
+        database_url) -> None:
+    """On Python 3.11 a task cancelled just as the pool hands it a connection is not
+    cancelled (asyncio.wait_for returns the connection), so a job may finish its round
+    after shutdown began. The worker must stop after that round, not sleep until the
+    next one (here ten minutes away)."""
+    started = threading.Event()
+
+    async def round_that_ignores_cancellation(conn: psycopg.AsyncConnection) -> None:
+        started.set()
+        with suppress(asyncio.CancelledError):
+            await asyncio.sleep(1)
+
+    with running_worker(database_url, jobs=[PeriodicJob("stubborn", 600,
+                                                        round_that_ignores_cancellation)]):
+        assert started.wait(10)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5
 
 
 def test_the_worker_carries_on_after_a_database_restart(remote) -> None:

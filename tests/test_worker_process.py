@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import psycopg
@@ -113,6 +115,55 @@ def test_sigterm_while_the_last_polls_finish_together_exits_as_soon_as_they_are_
     assert count_status(conn, "completed") == 4
     logs = [json.loads(line) for line in process.stderr.read().splitlines()]
     assert not [e for e in logs if e["level"] in ("warning", "error")], logs
+
+
+@contextmanager
+def read_only(conn: psycopg.Connection) -> Iterator[None]:
+    """The server refuses writes to every session but `conn`'s, as when a full disk makes
+    a database read-only."""
+    conn.execute("set default_transaction_read_only = off")
+    conn.execute("alter system set default_transaction_read_only = on")
+    conn.execute("select pg_reload_conf()")
+    try:
+        yield
+    finally:
+        conn.execute("alter system reset default_transaction_read_only")
+        conn.execute("select pg_reload_conf()")
+
+
+def test_a_database_gone_read_only_pauses_polling_until_writes_are_allowed_again(
+        conn, database_url, remote, workers) -> None:
+    """Every claim is refused: the worker does not exit, it claims again with backoff and
+    polls once the database takes writes again."""
+    insert_tasks(conn, [remote.script("/after-the-outage", DONE)])
+    with read_only(conn):
+        process = start_worker_process(database_url, "--log-format", "json")
+        workers.append(process)
+        time.sleep(3)
+        assert process.poll() is None
+        assert not remote.hits("/after-the-outage")
+    wait_until(lambda: count_status(conn, "completed") == 1)
+    process.send_signal(signal.SIGTERM)
+    assert exit_code(process, 15) == 0
+    logs = [json.loads(line) for line in process.stderr.read().splitlines()]
+    refused = [e for e in logs if "claiming refused by the database" in e["message"]]
+    assert refused and all("25006" in e["message"] and e["level"] == "error" for e in refused)
+
+
+def test_sigterm_while_every_query_is_refused_still_exits_within_the_grace(
+        conn, database_url, remote, workers) -> None:
+    """Shutdown with the claims, the jobs and the release of leases all refused: the
+    worker logs each and exits 0 within its grace (the leases expire on their own)."""
+    insert_tasks(conn, [remote.script("/never", DONE)])
+    with read_only(conn):
+        process = start_worker_process(database_url, TASKMAN_SHUTDOWN_GRACE="3")
+        workers.append(process)
+        time.sleep(2)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert exit_code(process, 30) == 0
+        assert time.monotonic() - signalled < 3 + 1.5
+    assert not remote.hits("/never")
 
 
 def test_tasks_held_ready_for_a_slot_never_exceed_the_concurrency_and_go_back_at_sigterm(

@@ -373,6 +373,15 @@ class CallbackStream:
                 log.warning("claiming callbacks failed (%s); retrying in %.1fs", exc, wait)
                 await _wait(context.wake, wait)
                 continue
+            except psycopg.Error as exc:
+                # Refused (a read-only database, a privilege revoked): as the task claim.
+                failures += 1
+                wait = _DB_RETRY_BASE / 2 + backoff.retry_delay(
+                    failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+                log.error("claiming callbacks refused by the database (%s: %s); retrying in "
+                          "%.1fs", exc.sqlstate, exc.diag.message_primary, wait)
+                await _wait(context.stopping, wait)
+                continue
             if claimed < wanted:
                 idle = (IDLE_CHECK_SECONDS if context.listening()
                         else min(IDLE_CHECK_SECONDS, context.change_check_interval))

@@ -19,7 +19,11 @@ One asyncio loop runs a few long-lived coroutines beside the polls themselves:
   a channel of their own, which the listener subscribes to beside ``taskman``.
 
 Database errors never end the loop: each coroutine retries with backoff, and the pool
-replaces broken connections, so a database restart is a pause, not a crash.
+replaces broken connections, so a database restart is a pause, not a crash. A database
+that refuses the claim (read-only, a privilege revoked) pauses polling the same way.
+At shutdown each coroutine ends when it sees ``_stopping``, not only when cancelled: on
+Python 3.11 a cancellation that lands as the pool hands over a connection is lost
+(``asyncio.wait_for`` returns the connection instead), and the round goes on.
 """
 
 from __future__ import annotations
@@ -205,6 +209,8 @@ class Worker:
             log.info("worker %s stopping", self.worker_id)
             services_stop_by = time.monotonic() + self.settings.shutdown_grace_seconds
             self._stopping.set()
+            self._wake.set()
+            self._slot_freed.set()
             for context in self._contexts.values():
                 context.wake.set()
             for task in background:
@@ -255,7 +261,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             if not (free := self._claim_room()):
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -270,6 +276,16 @@ class Worker:
             except _DB_ERRORS as exc:
                 failures += 1
                 wait = await self._after_db_error("claiming", exc, failures)
+            except psycopg.Error as exc:
+                # Refused, not lost: e.g. a database gone read-only (a full disk), a
+                # privilege revoked. Polling waits; notifications and the edge go on.
+                # Not woken early: a new task's NOTIFY would only be refused again.
+                failures += 1
+                wait = _db_retry_delay(failures)
+                log.error("claiming refused by the database (%s: %s); retrying in %.1fs",
+                          exc.sqlstate, exc.diag.message_primary, wait)
+                await self._pause(wait)
+                continue
             if wait > 0:
                 await self._sleep(wait)
 
@@ -331,7 +347,7 @@ class Worker:
         woken = {service.channel: self._contexts[service.name].wake
                  for service in self.services}
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 # Keepalives (connection parameters, not session state): an idle listener
                 # behind a NAT or pooler that silently drops it would otherwise wait
@@ -356,12 +372,17 @@ class Worker:
                                 self._wake.set()
                     finally:
                         self._listening = False  # the claimer checks the due index meanwhile
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 failures += 1
                 wait = _db_retry_delay(failures)
                 log.warning("listening for task changes failed (%s); retrying in %.1fs",
                             exc, wait)
-                await asyncio.sleep(wait)
+                await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or until the worker is stopping."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _after_db_error(self, doing: str, exc: Exception, failures: int) -> float:
         """Log a failed round trip, drop dead pooled connections; returns how long to wait."""
@@ -535,7 +556,7 @@ class Worker:
         try:
             async with asyncio.timeout(SHUTDOWN_DB_SECONDS), self._pool.connection() as conn:
                 released = await store.release_tasks(conn, self.worker_id)
-        except (*_DB_ERRORS, TimeoutError) as exc:
+        except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
             log.error("could not release leases (%r); they expire in %ds", exc,
                       self.settings.lease_seconds)
             return
@@ -545,7 +566,7 @@ class Worker:
     # Periodic jobs --------------------------------------------------------------------
 
     async def _job_loop(self, job: PeriodicJob) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 async with self._pool.connection() as conn:
                     await job.run_once(conn)
@@ -554,7 +575,7 @@ class Worker:
                             job.interval_seconds)
             except Exception:
                 log.exception("%s failed; next run in %.1fs", job.name, job.interval_seconds)
-            await asyncio.sleep(job.interval_seconds)
+            await self._pause(job.interval_seconds)
 
 
 class _HostLimits:
