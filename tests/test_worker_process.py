@@ -119,22 +119,21 @@ def test_sigterm_while_the_last_polls_finish_together_exits_as_soon_as_they_are_
 
 @contextmanager
 def read_only(conn: psycopg.Connection) -> Iterator[None]:
-    """The server refuses writes to every session but `conn`'s, as when a full disk makes
-    a database read-only."""
-    conn.execute("set default_transaction_read_only = off")
-    conn.execute("alter system set default_transaction_read_only = on")
-    conn.execute("select pg_reload_conf()")
+    """The database refuses writes in every session opened meanwhile, as when a full disk
+    makes a Supabase project read-only. A session keeps the default it began with, so
+    writes are allowed again only in sessions opened after."""
+    database = conn.execute("select current_database() as name").fetchone()["name"]
+    conn.execute(f"alter database {database} set default_transaction_read_only = on")
     try:
         yield
     finally:
-        conn.execute("alter system reset default_transaction_read_only")
-        conn.execute("select pg_reload_conf()")
+        conn.execute(f"alter database {database} reset default_transaction_read_only")
 
 
 def test_a_database_gone_read_only_pauses_polling_until_writes_are_allowed_again(
         conn, database_url, remote, workers) -> None:
-    """Every claim is refused: the worker does not exit, it claims again with backoff and
-    polls once the database takes writes again."""
+    """Every claim is refused: the worker does not exit, it claims again with backoff on
+    a new session and polls once the database takes writes again."""
     insert_tasks(conn, [remote.script("/after-the-outage", DONE)])
     with read_only(conn):
         process = start_worker_process(database_url, "--log-format", "json")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,30 @@ PoolMode = Literal["session", "transaction"]
 # Supabase's transaction pooler (Supavisor, hosted and self-hosted) listens on this port;
 # its session pooler and the direct connection on 5432.
 TRANSACTION_POOLER_PORT = 6543
+
+
+# After a write refused as read-only, a pool's connections are replaced at most this often.
+READ_ONLY_RENEWAL_SECONDS = 5.0
+
+
+class ReadOnlyRenewal:
+    """When to replace a pool's connections after the database refused a write as
+    read-only (a full disk on Supabase, ``alter database … set
+    default_transaction_read_only``). A database-level default reaches only sessions that
+    begin after it changes, so only new connections see writes allowed again. At most once
+    every READ_ONLY_RENEWAL_SECONDS: a database still read-only is not flooded with new
+    connections."""
+
+    def __init__(self) -> None:
+        self._renewed_at = -math.inf
+
+    def due(self) -> bool:
+        """Whether to replace them now (then not again for a while)."""
+        now = time.monotonic()
+        if now - self._renewed_at < READ_ONLY_RENEWAL_SECONDS:
+            return False
+        self._renewed_at = now
+        return True
 
 
 def parse_named_queries(text: str) -> dict[str, str]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
+from tests.edge.conftest import serve_edge
 
 
 def create(client, **body) -> dict:
@@ -216,3 +219,31 @@ def test_openapi_documents_every_route(edge) -> None:
         "/tasks/{task_id}/retry", "/stats", "/callbacks/{task_id}", "/create-task",
         "/task-status/{task_id}", "/update-task/{task_id}", "/events", "/healthz", "/metrics",
     } <= set(paths)
+
+
+def test_a_database_gone_read_only_answers_503_then_takes_writes_again(database_url,
+                                                                        conn) -> None:
+    # As when a full disk makes a Supabase project read-only: sessions opened meanwhile
+    # refuse writes, and keep refusing them after, until they are replaced.
+    database = conn.execute("select current_database() as name").fetchone()["name"]
+    conn.execute(f"alter database {database} set default_transaction_read_only = on")
+    try:
+        with serve_edge(database_url) as edge, edge.client() as service:
+            refused = service.post("/tasks", json={"poll_url": "https://api.example.com/s/1"})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "database_read_only"
+            assert "read-only" in refused.json()["error"]["message"]
+            assert service.get("/tasks").status_code == 200  # reads go on
+            conn.execute(f"alter database {database} reset default_transaction_read_only")
+            # A client retrying every half second gets through within seconds (the edge
+            # replaces its connections at most every 5 s, and only ever once refused).
+            answers = []
+            while not answers or answers[-1] == 503:
+                assert len(answers) < 20, answers
+                time.sleep(0.5 if answers else 0)
+                answers.append(service.post(
+                    "/tasks", json={"poll_url": "https://api.example.com/s/1"}).status_code)
+            assert answers[-1] == 201, answers
+    finally:
+        conn.execute(f"alter database {database} reset default_transaction_read_only")
+    assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 1

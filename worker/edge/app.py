@@ -79,6 +79,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.pool = pool
+    app.state.read_only = db.ReadOnlyRenewal()
     app.state.hub = hub
     app.state.keepalive_seconds = keepalive_seconds
     app.state.authenticator = Authenticator(

@@ -58,6 +58,8 @@ _SQLSTATES: dict[str, tuple[int, str]] = {
     "23505": (409, "conflict"),
     "23514": (422, "invalid_argument"),
     "23502": (422, "invalid_argument"),
+    # Writes refused (a Supabase project turned read-only when its disk is full).
+    "25006": (503, "database_read_only"),
 }
 _SQLSTATE_CLASSES: dict[str, tuple[int, str]] = {
     "22": (422, "invalid_argument"),  # data exceptions: bad values, out of range, bad JSON
@@ -65,6 +67,7 @@ _SQLSTATE_CLASSES: dict[str, tuple[int, str]] = {
     "08": (503, "database_unavailable"),  # connection exceptions
     "40": (503, "database_busy"),  # serialization failure, deadlock: safe to retry
     "57": (503, "database_unavailable"),  # shutdown, statement timeout
+    "53": (503, "database_unavailable"),  # insufficient resources: disk full, out of memory
 }
 
 ERROR_STATUSES = {

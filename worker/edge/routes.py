@@ -72,10 +72,19 @@ TaskId = Annotated[UUID, Path(description="The task's id.")]
 
 @contextmanager
 def _session(request: Request, principal: Principal) -> Iterator[psycopg.Connection[Any]]:
-    """One transaction as ``principal``, on a pooled connection."""
+    """One transaction as ``principal``, on a pooled connection. After a write refused
+    as read-only the pool's connections are replaced (db.ReadOnlyRenewal), so that writes
+    go through again as soon as the database allows them."""
     pool: ConnectionPool = request.app.state.pool
-    with pool.connection() as conn, db.api_session(conn, principal.role, principal.claims):
-        yield conn
+    with pool.connection() as conn:
+        try:
+            with db.api_session(conn, principal.role, principal.claims):
+                yield conn
+        except psycopg.errors.ReadOnlySqlTransaction:
+            conn.close()
+            if request.app.state.read_only.due():
+                pool.drain()
+            raise
 
 
 def _call(request: Request, principal: Principal, call: Callable[..., T], *args: Any) -> T:

@@ -164,6 +164,7 @@ class Worker:
         self._outcomes: list[PollOutcome] = []
         self._outcome_added = asyncio.Event()
         self._draining = False
+        self._read_only = db.ReadOnlyRenewal()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then shut down gracefully.
@@ -236,8 +237,17 @@ class Worker:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the pool. After a write refused as read-only the pool's
+        connections are replaced (db.ReadOnlyRenewal), so that the worker sees writes
+        allowed again as soon as they are."""
         async with self._pool.connection() as conn:
-            yield conn
+            try:
+                yield conn
+            except psycopg.errors.ReadOnlySqlTransaction:
+                await conn.close()
+                if self._read_only.due():
+                    await self._pool.drain()
+                raise
 
     async def _stop_services(self, services: list[asyncio.Task[None]], grace_ends: float) -> None:
         """Give the services until `grace_ends`, plus time to record, then cancel them."""
@@ -316,7 +326,7 @@ class Worker:
     async def _task_due(self) -> bool:
         """Whether a task is due now (True after a database error: let the claim report it)."""
         try:
-            async with self._pool.connection() as conn:
+            async with self._connection() as conn:
                 seconds = await store.seconds_until_due(conn)
         except _DB_ERRORS:
             return True
@@ -325,7 +335,7 @@ class Worker:
     async def _claim(self, batch_size: int) -> list[ClaimedTask]:
         started = time.perf_counter()
         lease_ends = time.monotonic() + self.settings.lease_seconds  # no later than the DB's
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             claimed = await self._gate.claim(conn, batch_size, self.settings.lease_seconds)
         self.metrics.claim_latency.observe(time.perf_counter() - started)
         self._ready.extend((task, lease_ends) for task in claimed if not task.held)
@@ -334,7 +344,7 @@ class Worker:
 
     async def _seconds_until_due(self) -> float:
         """Seconds until the next live task falls due, at most MAX_IDLE_SECONDS."""
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             seconds = await store.seconds_until_due(conn)
         if seconds is None:
             return MAX_IDLE_SECONDS
@@ -518,7 +528,7 @@ class Worker:
                                 if o.get("status") != "cancelled") + "]"
         # A remote's "cancelled" is an answer: its host never holds it back.
         cancelled = [self._serialized(o) for o in batch if o.get("status") == "cancelled"]
-        async with self._pool.connection() as conn:
+        async with self._connection() as conn:
             if not cancelled:
                 await self._gate.record(conn, batch, polled)
             else:  # rare: a second statement, in one transaction with the first
@@ -554,7 +564,7 @@ class Worker:
 
     async def _release_leases(self) -> None:
         try:
-            async with asyncio.timeout(SHUTDOWN_DB_SECONDS), self._pool.connection() as conn:
+            async with asyncio.timeout(SHUTDOWN_DB_SECONDS), self._connection() as conn:
                 released = await store.release_tasks(conn, self.worker_id)
         except (psycopg.Error, PoolTimeout, TimeoutError) as exc:
             log.error("could not release leases (%r); they expire in %ds", exc,
@@ -568,7 +578,7 @@ class Worker:
     async def _job_loop(self, job: PeriodicJob) -> None:
         while not self._stopping.is_set():
             try:
-                async with self._pool.connection() as conn:
+                async with self._connection() as conn:
                     await job.run_once(conn)
             except _DB_ERRORS as exc:
                 log.warning("%s failed (%s); next run in %.1fs", job.name, exc,
