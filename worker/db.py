@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -19,12 +20,26 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 
+from worker.remote import backoff
+
 API_ROLES = ("anon", "authenticated", "service_role")
 
 PoolMode = Literal["session", "transaction"]
 # Supabase's transaction pooler (Supavisor, hosted and self-hosted) listens on this port;
 # its session pooler and the direct connection on 5432.
 TRANSACTION_POOLER_PORT = 6543
+
+
+# A failed or refused database call is retried after 0.1 s, then with doubling jittered
+# waits of up to 5 s.
+_RETRY_BASE_SECONDS, _RETRY_MAX_SECONDS = 0.2, 5.0
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds to wait before retrying a database call after its `failures`-th
+    consecutive failure (1 or more)."""
+    return _RETRY_BASE_SECONDS / 2 + backoff.retry_delay(
+        failures, _RETRY_BASE_SECONDS, _RETRY_MAX_SECONDS, random.random())
 
 
 # After a write refused as read-only, a pool's connections are replaced at most this often.

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ import aiohttp
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from worker import store
+from worker import db, store
 from worker.config import Settings
 from worker.domain import ServiceContext
 from worker.notify.callback_hosts import CallbackHosts, callback_host
@@ -47,7 +46,6 @@ from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.refusals import RefusedCallbacks
 from worker.notify.slack import SlackAlerter, alert_text, host_alert_text, is_host_alert
-from worker.remote import backoff
 
 log = logging.getLogger(__name__)
 
@@ -368,16 +366,14 @@ class CallbackStream:
                 failures = 0
             except _DB_ERRORS as exc:
                 failures += 1
-                wait = _DB_RETRY_BASE / 2 + backoff.retry_delay(
-                    failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+                wait = db.retry_delay(failures)
                 log.warning("claiming callbacks failed (%s); retrying in %.1fs", exc, wait)
                 await _wait(context.wake, wait)
                 continue
             except psycopg.Error as exc:
                 # Refused (a read-only database, a privilege revoked): as the task claim.
                 failures += 1
-                wait = _DB_RETRY_BASE / 2 + backoff.retry_delay(
-                    failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+                wait = db.retry_delay(failures)
                 log.error("claiming callbacks refused by the database (%s: %s); retrying in "
                           "%.1fs", exc.sqlstate, exc.diag.message_primary, wait)
                 await _wait(context.stopping, wait)
@@ -516,8 +512,7 @@ class CallbackStream:
                     log.error("could not record %d callbacks (%s); they are sent again when "
                               "their leases end", len(batch), exc)
                     return
-                wait = _DB_RETRY_BASE / 2 + backoff.retry_delay(
-                    failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
+                wait = db.retry_delay(failures)
                 log.warning("recording %d callbacks failed (%s); retrying in %.1fs",
                             len(batch), exc, wait)
                 await asyncio.sleep(wait)
@@ -540,7 +535,6 @@ class CallbackStream:
             log.info("gave back %d unsent callbacks", released, extra={"released": released})
 
 
-_DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
 # At shutdown, how long giving back unsent callbacks may take.
 SHUTDOWN_DB_SECONDS = 5.0
 

@@ -32,7 +32,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import secrets
 import socket
 import time
@@ -53,7 +52,6 @@ from worker.polling.hosts import HostGate
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.poller import Poller, make_session
 from worker.polling.submitter import Submitter
-from worker.remote import backoff
 from worker.remote.host_keys import host_key
 
 log = logging.getLogger(__name__)
@@ -69,8 +67,7 @@ MAX_RESULT_BYTES = 1_048_576
 SWEEP_INTERVAL_SECONDS = 5.0
 # Shutdown: how long the last records and the release of leases may take.
 SHUTDOWN_DB_SECONDS = 5.0
-# After a database error: wait 0.1 s plus a full-jitter backoff from 0.2 s, at most 5 s.
-_DB_RETRY_BASE, _DB_RETRY_MAX = 0.2, 5.0
+# Errors of a database that is gone for a while (a restart, a failover, a full pool).
 _DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
 
 
@@ -291,7 +288,7 @@ class Worker:
                 # privilege revoked. Polling waits; notifications and the edge go on.
                 # Not woken early: a new task's NOTIFY would only be refused again.
                 failures += 1
-                wait = _db_retry_delay(failures)
+                wait = db.retry_delay(failures)
                 log.error("claiming refused by the database (%s: %s); retrying in %.1fs",
                           exc.sqlstate, exc.diag.message_primary, wait)
                 await self._pause(wait)
@@ -384,7 +381,7 @@ class Worker:
                         self._listening = False  # the claimer checks the due index meanwhile
             except psycopg.Error as exc:
                 failures += 1
-                wait = _db_retry_delay(failures)
+                wait = db.retry_delay(failures)
                 log.warning("listening for task changes failed (%s); retrying in %.1fs",
                             exc, wait)
                 await self._pause(wait)
@@ -396,7 +393,7 @@ class Worker:
 
     async def _after_db_error(self, doing: str, exc: Exception, failures: int) -> float:
         """Log a failed round trip, drop dead pooled connections; returns how long to wait."""
-        wait = _db_retry_delay(failures)
+        wait = db.retry_delay(failures)
         log.warning("%s failed (%s); retrying in %.1fs", doing, exc, wait)
         await self._pool.check()  # after a restart every idle connection is dead: drop all now
         return wait
@@ -624,11 +621,6 @@ def _announces_pending(payload: str) -> bool:
     task finished: those are told apart without decoding them (the ids are UUIDs, so
     ``"pending"`` appears only as a status)."""
     return '"pending"' in payload and json.loads(payload).get("status") == "pending"
-
-
-def _db_retry_delay(failures: int) -> float:
-    return _DB_RETRY_BASE / 2 + backoff.retry_delay(
-        failures, _DB_RETRY_BASE, _DB_RETRY_MAX, random.random())
 
 
 def _unstorable(outcome: PollOutcome, why: str, delay: float) -> PollOutcome:
