@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.hot_path
 	$(BIN)/python -m bench.many_workers
 	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.retention_waiting
 	$(BIN)/python -m bench.claim
 	$(BIN)/python -m bench.create
 	$(BIN)/python -m bench.worker_throughput

@@ -70,6 +70,10 @@ join lateral (select min(e.created_at) as created_at from taskman.task_events e
 -- Bulk loading only: skip the task triggers for this session.
 set session_replication_role = replica
 
+-- name: triggers_off_here
+-- As triggers_off, for the transaction only.
+set local session_replication_role = replica
+
 -- name: analyze_tasks
 vacuum analyze taskman.tasks
 
@@ -151,3 +155,23 @@ select f.task_id, f.user_id, 'status_changed', 'pending', 'completed', '{}' from
 -- Polls beyond each task's first (tasks that complete on their first poll).
 select coalesce(sum(greatest(s.attempt_count - 1, 0)), 0)::bigint
 from taskman_private.task_schedule s
+
+-- Retention while finished tasks wait for their notifications (bench.retention_waiting).
+
+-- name: wait_for_notifications
+-- Every finished task: ended 40 days ago, a callback still pending, passed by the
+-- retention cursor (as a round leaves them).
+update taskman.tasks set completed_at = now() - interval '40 days' where completed_at is not null;
+insert into taskman_private.outbox (task_id, channel, payload)
+select task_id, 'callback', '{}' from taskman.tasks;
+update taskman_private.retention_state
+set (pruned_through, pruned_through_id) = (
+  select completed_at, task_id from taskman.tasks order by completed_at desc, task_id desc
+  limit 1);
+insert into taskman_private.retention_deferred (task_id) select task_id from taskman.tasks
+
+-- name: age_new_finished_tasks
+-- The tasks fill_tasks just made reached the period since the last round (after those
+-- waiting, before the period's end).
+update taskman.tasks set completed_at = now() - interval '35 days'
+where completed_at > now() - interval '1 day'
