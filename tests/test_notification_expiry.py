@@ -159,6 +159,30 @@ def test_a_task_retention_reached_while_its_callback_was_pending_goes_once_it_is
                         ).fetchone()["n"] == 0
 
 
+def test_a_retention_round_reads_the_tasks_it_waits_for_once_not_in_every_batch(
+        conn) -> None:
+    waiting = callback_tasks(conn, [f"https://down.example.com/{i}" for i in range(3)])
+    complete_all(conn, waiting)  # their callbacks stay pending
+    conn.execute("update taskman.tasks set completed_at = now() - interval '40 days'")
+    assert _prune(conn)["tasks"] == 0  # the cursor passes them: they wait
+    for _ in range(5):
+        conn.execute("select taskman.update_task(%s, 'completed')", (create_task(conn)["task_id"],))
+    conn.execute("update taskman.tasks set completed_at = now() - interval '35 days'"
+                 " where completed_at > now() - interval '1 day'")
+    with conn.transaction():  # a round, one task a batch: six batches
+        batches = 0
+        while not conn.execute("select done from taskman.prune_finished_tasks("
+                               "interval '30 days', 1, false)").fetchone()["done"]:
+            batches += 1
+        read = conn.execute(
+            "select seq_tup_read + coalesce(idx_tup_fetch, 0) as n"
+            " from pg_stat_xact_user_tables where relid = 'taskman_private.retention_deferred'"
+            "::regclass").fetchone()["n"]
+    assert batches == 5
+    assert read == 3  # each waiting task once, in the round's last batch
+    assert conn.execute("select count(*) as n from taskman.tasks").fetchone()["n"] == 3
+
+
 def test_a_task_waiting_for_retention_that_is_retried_stays_while_it_is_live(conn) -> None:
     task_id = callback_tasks(conn, ["https://slow.example.com/hook"])[0]
     conn.execute("select taskman.update_task(%s, 'failed')", (task_id,))
