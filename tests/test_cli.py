@@ -133,3 +133,42 @@ def test_notifications_lists_failing_and_given_up_deliveries(database_url, conn)
     assert table.returncode == 0 and ids[1] in table.stdout and "HTTP 500" in table.stdout
     assert ids[0] not in table.stdout
     assert "no failing" in taskman(database_url, "notifications", "--limit", "0").stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "edge"])
+def test_worker_and_edge_refuse_to_start_on_a_database_that_lacks_migrations(
+        server_url, tmp_path, command) -> None:
+    # A new version deployed before `taskman migrate`: it says what to run, and exits.
+    from tests.conftest import database_before
+    from worker.migrate import list_migrations, migrate
+
+    newest = list_migrations()[-1]
+    with database_before(server_url, newest.version, tmp_path) as url:
+        started = taskman(url, command, "--port", "0") if command == "edge" else taskman(
+            url, command)
+        assert started.returncode == 2
+        assert started.stderr.strip() == (
+            f"taskman {command}: the database lacks 1 of Taskman's {len(list_migrations())}"
+            f" migrations, from {newest.version}_{newest.name}: run `taskman migrate` (or"
+            " `supabase db push`) first")
+        assert [m.version for m in migrate(url)] == [newest.version]
+
+
+def test_the_worker_refuses_to_start_on_a_database_with_no_migrations(server_url) -> None:
+    from tests.conftest import _with_database
+
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute("drop database if exists taskman_unmigrated with (force)")
+        admin.execute("create database taskman_unmigrated")
+    try:
+        url = _with_database(server_url, "taskman_unmigrated")
+        started = taskman(url, "worker")
+        assert started.returncode == 2
+        assert "the database has none of Taskman's migrations: run `taskman migrate`" in (
+            started.stderr)
+        with psycopg.connect(url) as conn:  # the look changed nothing
+            assert conn.execute("select to_regnamespace('supabase_migrations')").fetchone() == (
+                None,)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute("drop database taskman_unmigrated with (force)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+
 from worker import db, store
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +54,17 @@ def api_schema_exposed(conninfo: str) -> bool | None:
     with db.connect(conninfo, autocommit=True) as conn:
         schemas = store.exposed_schemas(conn)
     return None if schemas is None else API_SCHEMA in schemas
+
+
+def pending_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations of ``directory`` the database has not applied, oldest first (all of
+    them on a database that has none). Raises psycopg.Error when it cannot tell."""
+    with db.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+        try:
+            applied = store.applied_migrations(conn)
+        except psycopg.errors.UndefinedTable:  # no migration was ever applied here
+            applied = set()
+    return [m for m in list_migrations(directory) if m.version not in applied]
 
 
 def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:

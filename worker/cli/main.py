@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+import psycopg
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
@@ -53,13 +54,35 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def migrated(conninfo: str, command: str) -> bool:
+    """Whether the database has every migration this version of Taskman ships; when it
+    lacks some, says which and what to run. When it cannot tell (the database is not up
+    yet, the record is not readable to this role) the command starts as before."""
+    try:
+        pending = migrations.pending_migrations(conninfo)
+    except psycopg.Error:
+        return True
+    if not pending:
+        return True
+    shipped = len(migrations.list_migrations())
+    lacks = ("has none of Taskman's migrations" if len(pending) == shipped else
+             f"lacks {len(pending)} of Taskman's {shipped} migrations, from "
+             f"{pending[0].version}_{pending[0].name}")
+    print(f"taskman {command}: the database {lacks}: run `taskman migrate` (or `supabase db "
+          "push`) first", file=sys.stderr)
+    return False
+
+
 def cmd_edge(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from worker.edge.access_log import uvicorn_log_config
     from worker.edge.app import create_app
 
-    app = create_app(settings, database_url(settings))
+    conninfo = database_url(settings)
+    if not migrated(conninfo, "edge"):
+        return 2
+    app = create_app(settings, conninfo)
     # Open /events streams would hold a graceful shutdown forever; give them a few seconds.
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5,
                 log_config=uvicorn_log_config())
@@ -73,11 +96,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from worker.polling.metrics import WorkerMetrics
     from worker.polling.service import serve_worker
 
+    conninfo = database_url(settings)
+    if not migrated(conninfo, "worker"):
+        return 2
     configure_logging(args.log_format)
     metrics = WorkerMetrics()
     if args.metrics_port is not None:
         start_http_server(args.metrics_port, args.metrics_host, registry=metrics.registry)
-    serve_worker(settings, database_url(settings), metrics)
+    serve_worker(settings, conninfo, metrics)
     return 0
 
 
