@@ -30,8 +30,8 @@ PoolMode = Literal["session", "transaction"]
 TRANSACTION_POOLER_PORT = 6543
 
 
-# A failed or refused database call is retried after 0.1 s, then with doubling jittered
-# waits of up to 5 s.
+# After a failed or refused database call: wait 0.1 s plus a full-jitter backoff from
+# 0.2 s, at most 5 s.
 _RETRY_BASE_SECONDS, _RETRY_MAX_SECONDS = 0.2, 5.0
 
 
