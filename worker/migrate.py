@@ -57,14 +57,19 @@ def api_schema_exposed(conninfo: str) -> bool | None:
 
 
 def pending_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """The migrations of ``directory`` the database has not applied, oldest first (all of
-    them on a database that has none). Raises psycopg.Error when it cannot tell."""
+    """The migrations of ``directory`` the database has not applied, oldest first: all of
+    them on a database without Taskman, none when Taskman's schema is there but the record
+    holds none of its versions (installed under versions of its own: this cannot tell).
+    Raises psycopg.Error when it cannot look."""
     with db.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
         try:
             applied = store.applied_migrations(conn)
-        except psycopg.errors.UndefinedTable:  # no migration was ever applied here
+        except psycopg.errors.UndefinedTable:  # no migration was ever recorded here
             applied = set()
-    return [m for m in list_migrations(directory) if m.version not in applied]
+        shipped = list_migrations(directory)
+        if not applied & {m.version for m in shipped} and store.api_schema_exists(conn):
+            return []
+    return [m for m in shipped if m.version not in applied]
 
 
 def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:

@@ -33,6 +33,9 @@ select coalesce(
    limit 1),
   current_setting('pgrst.db_schemas', true)) as schemas
 
+-- name: api_schema_exists
+select to_regnamespace('taskman') is not null
+
 -- name: applied_migrations
 select version from supabase_migrations.schema_migrations
 

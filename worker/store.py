@@ -81,6 +81,11 @@ def exposed_schemas(conn: psycopg.Connection[Any]) -> list[str] | None:
     return None if schemas is None else [s.strip() for s in schemas.split(",") if s.strip()]
 
 
+def api_schema_exists(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the schema ``taskman`` is there."""
+    return bool(_scalar(conn, "api_schema_exists"))
+
+
 def applied_migrations(conn: psycopg.Connection[Any]) -> set[str]:
     """The versions already applied."""
     with conn.cursor(row_factory=scalar_row) as cur:
