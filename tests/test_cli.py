@@ -187,3 +187,27 @@ def test_a_database_that_recorded_taskman_under_versions_of_its_own_is_not_refus
     conn.execute("update supabase_migrations.schema_migrations set version = substr(version, 2)"
                  " where version <> '1' || %s", (newest,))
     assert [m.version for m in pending_migrations(database_url)] == [newest]
+
+
+def test_a_database_that_cannot_be_reached_gets_one_line_and_exit_2() -> None:
+    unreachable = "postgresql://taskman@127.0.0.1:1/taskman"  # nothing listens on port 1
+    for args in (["list"], ["migrate"], ["migrate", "--check"], ["prune", "--older-than", "7d"]):
+        ran = taskman(unreachable, *args)
+        assert ran.returncode == 2, ran.stderr
+        assert ran.stderr.startswith(f"taskman {args[0]}: cannot reach the database: ")
+        assert "Traceback" not in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
+
+
+def test_migrate_check_lists_what_is_pending_and_applies_nothing(server_url, tmp_path,
+                                                                 database_url) -> None:
+    from tests.conftest import database_before
+    from worker.migrate import list_migrations
+
+    current = taskman(database_url, "migrate", "--check")
+    assert (current.returncode, current.stdout) == (0, "database is up to date\n")
+    newest = list_migrations()[-1]
+    with database_before(server_url, newest.version, tmp_path) as url:
+        for _ in range(2):  # the second look finds the same: the first applied nothing
+            behind = taskman(url, "migrate", "--check")
+            assert (behind.returncode, behind.stdout) == (
+                1, f"pending {newest.version} {newest.name}\n")

@@ -41,6 +41,13 @@ EXPOSE_REMINDER = (
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     conninfo = database_url(settings)
+    if args.check:
+        pending = migrations.pending_migrations(conninfo)
+        for migration in pending:
+            print(f"pending {migration.version} {migration.name}")
+        if not pending:
+            print("database is up to date")
+        return 1 if pending else 0
     applied = migrations.migrate(conninfo)
     for migration in applied:
         print(f"applied {migration.version} {migration.name}")
@@ -157,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create sample tasks against a built-in simulated remote")
     dev.set_defaults(run=cmd_dev)
 
-    commands.add_parser("migrate", help="apply pending database migrations").set_defaults(
-        run=cmd_migrate)
+    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate.add_argument("--check", action="store_true",
+                         help="list pending migrations, apply nothing; exit 1 if there are any")
+    migrate.set_defaults(run=cmd_migrate)
 
     worker = commands.add_parser("worker", help="claim, poll and record tasks until SIGTERM")
     worker.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -200,5 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(settings, args)
     except ConfigurationError as exc:  # settings that validate alone but cannot work together
         print(f"taskman: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        if exc.sqlstate is None:  # DATABASE_URL is wrong, the server is down or went away
+            print(f"taskman {args.command}: cannot reach the database: {reason}",
+                  file=sys.stderr)
+        else:  # a timeout, a shutdown, too many connections
+            print(f"taskman {args.command}: the database stopped it ({exc.sqlstate}: {reason})",
+                  file=sys.stderr)
         return 2
 
