@@ -211,3 +211,20 @@ def test_migrate_check_lists_what_is_pending_and_applies_nothing(server_url, tmp
             behind = taskman(url, "migrate", "--check")
             assert (behind.returncode, behind.stdout) == (
                 1, f"pending {newest.version} {newest.name}\n")
+
+
+def test_a_command_on_a_database_without_taskman_says_to_migrate(server_url) -> None:
+    from tests.conftest import _with_database
+
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute("drop database if exists taskman_bare with (force)")
+        admin.execute("create database taskman_bare")
+    try:
+        ran = taskman(_with_database(server_url, "taskman_bare"), "list")
+        assert ran.returncode == 2 and "Traceback" not in ran.stderr
+        assert ran.stderr.startswith("taskman list: the database lacks Taskman's schema or some"
+                                     " of its migrations (")
+        assert ran.stderr.rstrip().endswith("run `taskman migrate` first")
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute("drop database taskman_bare with (force)")

@@ -210,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:  # settings that validate alone but cannot work together
         print(f"taskman: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedTable,
+            psycopg.errors.UndefinedColumn, psycopg.errors.InvalidSchemaName) as exc:
+        print(f"taskman {args.command}: the database lacks Taskman's schema or some of its "
+              f"migrations ({exc.sqlstate}: {exc.diag.message_primary}): run `taskman migrate` "
+              "first", file=sys.stderr)
+        return 2
     except psycopg.OperationalError as exc:
         reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         if exc.sqlstate is None:  # DATABASE_URL is wrong, the server is down or went away
