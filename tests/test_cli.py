@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -144,8 +146,7 @@ def test_worker_and_edge_refuse_to_start_on_a_database_that_lacks_migrations(
 
     newest = list_migrations()[-1]
     with database_before(server_url, newest.version, tmp_path) as url:
-        started = taskman(url, command, "--port", "0") if command == "edge" else taskman(
-            url, command)
+        started = taskman(url, command, *(["--port", "0"] if command == "edge" else []))
         assert started.returncode == 2
         assert started.stderr.strip() == (
             f"taskman {command}: the database lacks 1 of Taskman's {len(list_migrations())}"
@@ -154,14 +155,23 @@ def test_worker_and_edge_refuse_to_start_on_a_database_that_lacks_migrations(
         assert [m.version for m in migrate(url)] == [newest.version]
 
 
-def test_the_worker_refuses_to_start_on_a_database_with_no_migrations(server_url) -> None:
+@contextmanager
+def _empty_database(server_url: str) -> Iterator[str]:
+    """The URL of a new database without Taskman, dropped afterwards."""
     from tests.conftest import _with_database
 
     with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute("drop database if exists taskman_unmigrated with (force)")
-        admin.execute("create database taskman_unmigrated")
+        admin.execute("drop database if exists taskman_empty with (force)")
+        admin.execute("create database taskman_empty")
     try:
-        url = _with_database(server_url, "taskman_unmigrated")
+        yield _with_database(server_url, "taskman_empty")
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute("drop database taskman_empty with (force)")
+
+
+def test_the_worker_refuses_to_start_on_a_database_with_no_migrations(server_url) -> None:
+    with _empty_database(server_url) as url:
         started = taskman(url, "worker")
         assert started.returncode == 2
         assert "the database has none of Taskman's migrations: run `taskman migrate`" in (
@@ -169,9 +179,6 @@ def test_the_worker_refuses_to_start_on_a_database_with_no_migrations(server_url
         with psycopg.connect(url) as conn:  # the look changed nothing
             assert conn.execute("select to_regnamespace('supabase_migrations')").fetchone() == (
                 None,)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute("drop database taskman_unmigrated with (force)")
 
 
 def test_a_database_that_recorded_taskman_under_versions_of_its_own_is_not_refused(
@@ -214,17 +221,9 @@ def test_migrate_check_lists_what_is_pending_and_applies_nothing(server_url, tmp
 
 
 def test_a_command_on_a_database_without_taskman_says_to_migrate(server_url) -> None:
-    from tests.conftest import _with_database
-
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute("drop database if exists taskman_bare with (force)")
-        admin.execute("create database taskman_bare")
-    try:
-        ran = taskman(_with_database(server_url, "taskman_bare"), "list")
+    with _empty_database(server_url) as url:
+        ran = taskman(url, "list")
         assert ran.returncode == 2 and "Traceback" not in ran.stderr
         assert ran.stderr.startswith("taskman list: the database lacks Taskman's schema or some"
                                      " of its migrations (")
         assert ran.stderr.rstrip().endswith("run `taskman migrate` first")
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute("drop database taskman_bare with (force)")
