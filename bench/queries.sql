@@ -70,10 +70,6 @@ join lateral (select min(e.created_at) as created_at from taskman.task_events e
 -- Bulk loading only: skip the task triggers for this session.
 set session_replication_role = replica
 
--- name: triggers_off_here
--- As triggers_off, for the transaction only.
-set local session_replication_role = replica
-
 -- name: analyze_tasks
 vacuum analyze taskman.tasks
 

@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import psycopg
 
 from bench.cluster import fill_tasks, migrated_databases, queries
 from worker import store
 from worker.migrate import MIGRATIONS_DIR
+from worker.polling.retention import RETENTION_BATCH
 
-BATCH = 200
 _PERIOD_SECONDS = 30 * 86_400
 _PREVIOUS = "20261202000900_retention_passes_no_held_task.sql"
 
 
 def _previous_prune() -> str:
     """prune_finished_tasks as it was before it read the waiting tasks once a round."""
-    text = (Path(MIGRATIONS_DIR) / _PREVIOUS).read_text(encoding="utf-8")
+    text = (MIGRATIONS_DIR / _PREVIOUS).read_text(encoding="utf-8")
     start = text.index("create or replace function taskman.prune_finished_tasks")
     return text[start:text.index("$$;", text.index("as $$", start) + 5) + 3]
 
@@ -47,18 +46,14 @@ def _wait_for_notifications(url: str, count: int) -> None:
             conn.execute(queries()["wait_for_notifications"])
 
 
-def _round(conn: psycopg.Connection, new: int) -> tuple[float, int]:
-    """Seconds of one retention round after `new` more tasks reached the period, and how
-    many tasks it pruned."""
-    q = queries()
-    with conn.transaction():
-        conn.execute(q["triggers_off_here"])
-        conn.execute(q["fill_tasks"], {"terminal": new, "due": 0, "future": 0})
-        conn.execute(q["fill_schedule"])
-        conn.execute(q["age_new_finished_tasks"])
+def _round(url: str, conn: psycopg.Connection, new: int) -> tuple[float, int]:
+    """Seconds of one retention round (the worker's batches) after `new` more tasks
+    reached the period, and how many tasks it pruned."""
+    fill_tasks(url, terminal=new)
+    conn.execute(queries()["age_new_finished_tasks"])
     started, pruned = time.perf_counter(), 0
     while True:
-        row = store.prune_finished_tasks(conn, _PERIOD_SECONDS, BATCH)
+        row = store.prune_finished_tasks(conn, _PERIOD_SECONDS, RETENTION_BATCH)
         pruned += row["tasks"]
         if row["done"]:
             return time.perf_counter() - started, pruned
@@ -73,9 +68,10 @@ def main() -> None:
     waiting = {"limit": 0, "Taskman": args.waiting, "previous": args.waiting}
 
     with migrated_databases("bench_none", "bench_waiting", "bench_previous") as urls:
+        dbs = dict(zip(waiting, urls.values(), strict=True))
         conns = {}
         try:
-            for name, url in zip(waiting, urls.values(), strict=True):
+            for name, url in dbs.items():
                 _wait_for_notifications(url, waiting[name])
                 conns[name] = psycopg.connect(url, autocommit=True)
             conns["previous"].execute(_previous_prune())
@@ -84,7 +80,7 @@ def main() -> None:
             seconds = dict.fromkeys(waiting, 0.0)
             for _ in range(args.rounds):
                 for name, conn in conns.items():
-                    took, pruned = _round(conn, args.new)
+                    took, pruned = _round(dbs[name], conn, args.new)
                     if pruned != args.new:
                         raise RuntimeError(f"{name}: a round pruned {pruned}, not {args.new}")
                     seconds[name] += took
@@ -92,7 +88,8 @@ def main() -> None:
             for conn in conns.values():
                 conn.close()
 
-    print(f"retention rounds, each pruning {args.new:,} new tasks in batches of {BATCH}, "
+    print(f"retention rounds, each pruning {args.new:,} new tasks in batches of "
+          f"{RETENTION_BATCH}, "
           f"mean of {args.rounds}:")
     limit = seconds["limit"] / args.rounds
     for name, count in waiting.items():
