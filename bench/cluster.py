@@ -21,9 +21,11 @@ DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 
 
 @contextmanager
-def migrated_databases(*names: str) -> Iterator[dict[str, str]]:
-    """Start a cluster, create and migrate each database, yield their URLs."""
-    cluster = Cluster(default_bin_dir(), DURABLE).start()
+def migrated_databases(*names: str,
+                       settings: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """Start a cluster (``settings`` beside the durable ones), create and migrate each
+    database, yield their URLs."""
+    cluster = Cluster(default_bin_dir(), {**DURABLE, **(settings or {})}).start()
     try:
         urls = {}
         with psycopg.connect(cluster.url(), autocommit=True) as conn:

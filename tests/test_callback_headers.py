@@ -3,12 +3,14 @@ callback, kept where only the service reads them, and never in place of Taskman'
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
 
 import psycopg
 import pytest
+from standardwebhooks import Webhook
 
 from tests.edge.conftest import API_KEY, serve_edge
 from tests.factories import create_task
@@ -118,6 +120,7 @@ def test_stored_headers_that_slipped_past_the_checks_still_cannot_forge_a_signat
         conn.execute("update taskman_private.task_private set callback_headers = %s"
                      " where task_id = %s",
                      ('{"X-Taskman-Signature": "sha256=forged", "content-type": "text/plain",'
+                      ' "Webhook-Signature": "v1,forged", "webhook-id": "msg_0",'
                       ' "X-Extra": "kept"}', task_id))
         workers.append(start_worker_process(database_url, TASKMAN_CALLBACK_SECRET=SECRET))
         conn.execute("select taskman.update_task(%s, 'completed')", (task_id,))
@@ -127,3 +130,7 @@ def test_stored_headers_that_slipped_past_the_checks_still_cannot_forge_a_signat
     assert hit.headers["X-Extra"] == "kept" and hit.headers["Content-Type"] == "application/json"
     assert verify_signature(SECRET, hit.headers["X-Taskman-Timestamp"], hit.body,
                             hit.headers["X-Taskman-Signature"])
+    assert hit.headers["webhook-id"] == f"msg_{hit.headers['X-Taskman-Delivery']}"
+    assert "forged" not in hit.headers["webhook-signature"]
+    # A secret without whsec_ is keyed as its UTF-8 bytes: the library takes it in base64.
+    Webhook("whsec_" + base64.b64encode(SECRET.encode()).decode()).verify(hit.body, hit.headers)

@@ -87,3 +87,36 @@ def test_hold_callbacks_refuses_bad_input_with_22023(conn) -> None:
             assert field in str(exc)
         else:
             raise AssertionError(f"{sql} was accepted")
+
+
+def test_one_owners_failing_callbacks_leave_another_owners_on_the_same_receiver_alone(
+        conn, database_url, workers) -> None:
+    """A shared receiver that refuses B's hooks (its path, its credentials) opens B's
+    circuit on it, not the receiver's: A's callbacks there all arrive."""
+    from tests.factories import USER_A, USER_B
+    receiver = start_receiver(answer={"received": True})
+    try:
+        receiver.default = Reply(503, json={"error": "no such hook"})
+        for i in range(10):
+            receiver.script(f"/a/{i}", Reply(200, json={"received": True}))
+        key = host_key(receiver.url())
+        workers.append(start_worker_process(database_url, **BREAKER, **FAST_RETRIES))
+
+        def owned(user: str, urls: list[str]) -> list[str]:
+            rows = conn.execute(
+                "insert into taskman.tasks (callback_url, user_id)"
+                " select unnest(%s::text[]), %s returning task_id", (urls, user)).fetchall()
+            return [str(r["task_id"]) for r in rows]
+
+        b_tasks = owned(USER_B, [receiver.url(f"/b/{i}") for i in range(20)])
+        complete_all(conn, b_tasks)
+        wait_until(lambda: (row := host_row(conn, f"{key}#{USER_B}")) and row["state"] == "open")
+        a_tasks = owned(USER_A, [receiver.url(f"/a/{i}") for i in range(10)])
+        complete_all(conn, a_tasks)
+        wait_until(lambda: len({h.path for h in receiver.delivered()}) == 10, timeout=10)
+    finally:
+        receiver.stop()
+
+    assert all(r["delivered_at"] is not None for r in outbox_rows(conn, a_tasks))
+    assert host_row(conn, key)["state"] == "closed"
+    assert host_row(conn, f"{key}#{USER_A}") is None

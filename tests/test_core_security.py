@@ -129,7 +129,7 @@ WORKER_FUNCTIONS = {"claim_due_tasks", "record_poll_results", "expire_overdue_ta
                     "claim_admitted_tasks", "record_polls", "prune_idle_hosts",
                     "give_up_stale_notifications", "claim_deliveries"}
 USER_FUNCTIONS = {"create_task", "get_task_status", "cancel_task", "retry_task", "task_stats",
-                  "task_json", "host_status"}
+                  "task_json", "host_status", "rotate_callback_secret"}
 
 
 def test_every_public_function_has_exactly_the_intended_grants(conn) -> None:

@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.factories import complete_with_unbounded_result
 from tests.hostile_remote import Attack, HostileRemote, forever, once, response
 from tests.remote_api import RemoteAPI, start_receiver
 from tests.worker_harness import REPO, TEST_ENV, wait_until
@@ -387,7 +388,7 @@ def test_poison_results_fail_alone_in_the_outbox(sql, receiver, worker, poisons)
     poisoned = {}
     for poison in poisons:
         task_id = create(sql, None, callback_url=f"{receiver.url()}/poison")
-        sql.execute("select taskman.update_task(%s, 'completed', %s::jsonb)", (task_id, poison))
+        complete_with_unbounded_result(sql, task_id, poison)
         poisoned[task_id] = poison
     control = create(sql, None, callback_url=f"{receiver.url()}/control/{uuid.uuid4().hex}")
     sql.execute("select taskman.update_task(%s, 'completed', '{\"ok\": true}')", (control,))

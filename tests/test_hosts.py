@@ -209,12 +209,13 @@ def test_a_lone_task_on_a_dead_host_still_fails_after_its_max_attempts(conn, dat
     assert host_row(conn, host_key(remote.url()))["state"] == "open"
 
 
-def test_a_429_with_retry_after_pauses_the_host_not_only_the_task(conn, database_url,
-                                                                  remote) -> None:
+def test_a_429_with_retry_after_pauses_the_owners_tasks_on_the_host_not_only_the_task(
+        conn, database_url, remote) -> None:
     remote.script("/limited", Reply(429, headers={"Retry-After": "2"}), DONE)
     with running_worker(database_url, **BREAKER):
         first = create_task(conn, poll_url=remote.url("/limited"))["task_id"]
-        wait_until(lambda: (row := host_row(conn, host_key(remote.url())))
+        # The service's own tasks here: their owner row is the one paused.
+        wait_until(lambda: (row := host_row(conn, host_key(remote.url()) + "#service"))
                    and row["paused_until"] is not None)
         paused_at = time.monotonic()
         others = [create_task(conn, poll_url=remote.script(f"/other/{i}", DONE))["task_id"]
@@ -353,11 +354,11 @@ def test_gating_and_holding_tasks_write_nothing_subscribers_receive(
 
     decoding()  # the inserts
     assert len(claim_and_admit()) == 5  # no host row yet: all go
-    conn.execute("select taskman.record_host_outcomes('w1', %s, 3, 0.05, 0.05)",
+    conn.execute("select taskman.record_host_outcomes('w1', %s, 3, 1, 1)",
                  (json.dumps(failures),))
     conn.execute("update taskman_private.task_schedule set next_poll_at = now()")
     assert claim_and_admit() == []  # open, probe not due: all held
-    time.sleep(0.1)
+    time.sleep(1.1)
     conn.execute("update taskman_private.task_schedule set next_poll_at = now()")
     [probe] = claim_and_admit()
     conn.execute("select taskman.record_host_outcomes('w1', %s, 3)",

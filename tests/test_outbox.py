@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.factories import USER_A, create_task, events
+from tests.factories import USER_A, complete_with_unbounded_result, create_task, events
 from tests.remote_api import RemoteAPI, start_receiver
 from worker.config import Settings
 from worker.notify import OutboxDispatcher
@@ -445,8 +445,7 @@ async def _record_while(cursor: psycopg.Cursor, outcome: Jsonb,
 def test_a_result_python_cannot_read_fails_alone_then_is_given_up(conn, database_url, hook,
                                                                   poison) -> None:
     bad = create_task(conn, callback_url=f"{hook.url()}/poison")["task_id"]
-    conn.execute("select taskman.update_task(%s, 'completed', %s::jsonb) is not null",
-                 (bad, poison))
+    complete_with_unbounded_result(conn, bad, poison)
     good = create_task(conn, callback_url=f"{hook.url()}/normal")["task_id"]
     end_task(conn, good, "completed")
     settings = make_settings(TASKMAN_OUTBOX_MAX_ATTEMPTS=2)
@@ -469,3 +468,22 @@ def test_a_result_python_cannot_read_fails_alone_then_is_given_up(conn, database
     assert row["given_up_at"] is not None
     assert row["last_error"].startswith("the task's JSON could not be read")
     assert hook.hits()[1:] == []
+
+
+def test_recording_a_batch_reads_its_outbox_rows_by_key_not_the_whole_outbox(conn) -> None:
+    """The read grows with the outbox otherwise: in a backlog it took most of a
+    callback's database time."""
+    ids = [str(create_task(conn, callback_url=f"https://hooks.example.com/{i}")["task_id"])
+           for i in range(300)]
+    conn.execute("select taskman.update_task(t, 'completed') from unnest(%s::uuid[]) t", (ids,))
+    conn.execute("analyze taskman_private.outbox")
+    claimed = conn.execute("select outbox_id from taskman.claim_outbox('w', 100, 60)").fetchall()
+    results = [{"outbox_id": r["outbox_id"], "worker_id": "w", "outcome": "delivered"}
+               for r in claimed]
+    with conn.transaction():
+        recorded = conn.execute("select * from taskman.record_outbox_results(%s)",
+                                (json.dumps(results),)).fetchall()
+        scans = conn.execute("select seq_scan from pg_stat_xact_user_tables"
+                             " where relid = 'taskman_private.outbox'::regclass").fetchone()
+    assert len(recorded) == 100
+    assert scans["seq_scan"] == 0

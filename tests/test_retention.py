@@ -244,7 +244,8 @@ def _outbox_left(conn) -> set[int]:
 
 def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_finished_alerts(
         conn, database_url) -> None:
-    # Made as the worker makes it: a failed poll reported, then the host answering again.
+    # Made as the worker makes it: a failed poll reported, then the host answering again
+    # (the host's row and its owner's, the service's: two idle rows).
     conn.execute("select * from taskman.record_host_outcomes('w1', %s)", (json.dumps(
         [{"host": "https://flaky.example.com:443", "result": "failure", "error": "timeout"},
          {"host": "https://flaky.example.com:443", "result": "success"}]),))
@@ -268,13 +269,14 @@ def test_prune_deletes_idle_hosts_with_nothing_to_keep_and_old_finished_alerts(
 
     dry = taskman(database_url, "prune", "--older-than", "7d", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would prune 1 idle hosts and 2 host alerts delivered or given up" in dry.stdout
+    assert "would prune 2 idle hosts and 2 host alerts delivered or given up" in dry.stdout
     assert (_hosts_left(conn), _outbox_left(conn)) == (hosts, outbox)
 
     done = taskman(database_url, "prune", "--older-than", "7d")
     assert done.returncode == 0, done.stderr
-    assert "pruned 1 idle hosts and 2 host alerts delivered or given up" in done.stdout
-    assert _hosts_left(conn) == hosts - {"https://flaky.example.com:443"}
+    assert "pruned 2 idle hosts and 2 host alerts delivered or given up" in done.stdout
+    assert _hosts_left(conn) == hosts - {"https://flaky.example.com:443",
+                                         "https://flaky.example.com:443#service"}
     assert _outbox_left(conn) == outbox - {old_delivered, old_given_up}
     assert kept_alerts <= _outbox_left(conn)
 

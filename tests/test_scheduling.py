@@ -88,13 +88,21 @@ def test_the_claim_is_one_index_walk_whatever_the_history_and_the_future(conn) -
     # Finding the due tasks (the priority levels, then each level's due tasks): scans of
     # the one index, bounded by the due time, so neither history nor tasks due later
     # are read; nothing is read whole.
-    finding = claim_plan.split("CTE levels")[1].split("CTE claimed")[0]
+    finding = claim_plan.split("CTE levels")[1].split("CTE owners_after")[0]
     scans = [line for line in finding.splitlines() if "Index" in line and "Scan" in line]
     assert len(scans) >= 3, finding
     assert all("task_schedule_priority_due_idx" in line for line in scans), finding
     assert "Seq Scan" not in finding, finding
-    level_scan = finding.split("CTE due")[1]
+    level_scan = finding.split("CTE longest_due")[1]
     assert "(priority = l_1.priority) AND (next_poll_at <= now())" in level_scan, finding
+    # The owners looked up (when the window is crowded): one probe each on their index.
+    owners = claim_plan.split("CTE owners_after")[1].split("CTE looked_up")[0]
+    scans = [line for line in owners.splitlines() if "Index" in line and "Scan" in line]
+    assert scans and all("task_schedule_owner_due_idx" in line for line in scans), owners
+    assert "Seq Scan" not in owners, owners
+    # The looked-up owners' tasks are locked by key.
+    heads = claim_plan.split("CTE heads")[1].split("CTE due")[0]
+    assert "task_schedule_pkey" in heads and "Seq Scan" not in heads, heads
 
 
 def test_start_at_delays_the_first_poll_and_the_submit_and_moves_the_deadline(

@@ -298,21 +298,6 @@ def test_submit_headers_cannot_be_read_back_by_users(conn, api) -> None:
         "Authorization": "Bearer hidden"}
 
 
-def test_a_retried_task_keeps_the_callback_token_its_remote_was_handed(conn) -> None:
-    created = create_task(conn, poll_url=None, submit_url="https://api.example.com/jobs",
-                          submit_body={"notify": "{callback_url}"})
-    task_id = created["task_id"]
-    # As the worker records an accepted submit whose job later failed.
-    conn.execute("update taskman.tasks set submitted_at = now(), status = 'failed',"
-                 " error_code = 'remote_failed' where task_id = %s", (task_id,))
-    retried = conn.execute("select taskman.retry_task(%s) as r", (task_id,)).fetchone()["r"]
-    assert retried["callback_token"] == created["callback_token"]
-    reported = conn.execute(
-        "select taskman.update_task(%s, status => 'completed', callback_token => %s) as r",
-        (task_id, created["callback_token"])).fetchone()["r"]
-    assert reported["status"] == "completed"
-
-
 def test_a_submit_answer_that_cannot_be_stored_ends_the_task_and_is_not_sent_again(
         conn, database_url, remote) -> None:
     # A job id jsonb cannot hold (a NUL character) makes the batch's record fail.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -75,7 +77,8 @@ class Settings(BaseSettings):
     events_max_streams: int = Field(
         default=256, ge=1, le=100_000, alias="TASKMAN_EVENTS_MAX_STREAMS"
     )
-    # Unset: /metrics is open. Set: it needs `Authorization: Bearer <token>`.
+    # Unset: /metrics is open, without the per-host series. Set: it needs
+    # `Authorization: Bearer <token>` and has them.
     metrics_token: SecretStr | None = Field(default=None, alias="TASKMAN_METRICS_TOKEN")
 
     # Notifications: Slack alerts and signed completion callbacks, through the outbox.
@@ -84,6 +87,11 @@ class Settings(BaseSettings):
     slack_channel: str | None = Field(default=None, alias="SLACK_CHANNEL")
     slack_api_url: str = Field(default="https://slack.com/api/", alias="SLACK_API_URL")
     callback_secret: SecretStr | None = Field(default=None, alias="TASKMAN_CALLBACK_SECRET")
+    # The deprecated X-Taskman-Timestamp and X-Taskman-Signature beside the Standard
+    # Webhooks headers (docs/callbacks.md says until when).
+    callback_legacy_signature: bool = Field(
+        default=True, alias="TASKMAN_CALLBACK_LEGACY_SIGNATURE"
+    )
     callback_timeout_seconds: float = Field(
         default=10.0, gt=0, le=300, alias="TASKMAN_CALLBACK_TIMEOUT"
     )
@@ -123,6 +131,20 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must be a URL without a query or fragment")
         return url
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _callback_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """A ``whsec_`` secret is base64 after its prefix (Standard Webhooks)."""
+        secret = value.get_secret_value() if value else ""
+        if secret.startswith("whsec_"):
+            try:
+                key = base64.b64decode(secret[len("whsec_"):], validate=True)
+            except binascii.Error:
+                key = b""
+            if not key:
+                raise ValueError("a whsec_ secret must be base64 after its prefix")
+        return value
 
     @field_validator("supabase_url")
     @classmethod
@@ -180,6 +202,10 @@ class Settings(BaseSettings):
     )
     host_resume_spread_seconds: float = Field(
         default=5.0, ge=0, le=3_600, alias="TASKMAN_HOST_RESUME_SPREAD"
+    )
+    # The longest a 429's Retry-After holds its owner's tasks on a host.
+    host_max_pause_seconds: float = Field(
+        default=300.0, gt=0, le=86_400, alias="TASKMAN_HOST_MAX_PAUSE"
     )
     # host=rate entries (api.example.com=5/s), applied to the hosts table when a worker
     # starts; see worker.remote.host_keys.parse_rate_limits.

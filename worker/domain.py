@@ -155,6 +155,9 @@ class ClaimedTask(NamedTuple):
     submit_headers: dict[str, str] | None = None
     submit_body: str | None = None
     callback_token: str | None = None
+    # Whose it is (None: the service's own): its requests count toward that owner's
+    # circuit on its host (worker.polling.hosts).
+    owner: str | None = None
     # Its host holds it back (a circuit open, a pause, a rate limit): it is back in the
     # schedule, not to be sent.
     held: bool = False
@@ -194,9 +197,14 @@ class PollOutcome(TypedDict, total=False):
     poll_url: str  # a submit's job handle (the status URL to poll)
     external_id: str  # a submit's job id, when the profile reads one
     # For record_host_outcomes only (record_poll_results ignores them): the request's
-    # host key, and a 429's Retry-After in seconds (the host pauses that long).
+    # host key, the task's owner, and a 429's Retry-After in seconds (the owner's tasks
+    # on the host pause that long).
     host: str | None
+    owner: str | None
     retry_after_seconds: float
+    # Claimed, then not sent: its circuit opened meanwhile (it goes back to the
+    # schedule unrecorded).
+    unsent: bool
 
 
 @dataclass(frozen=True)

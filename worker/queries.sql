@@ -119,6 +119,9 @@ select taskman.cancel_task(%(task_id)s::uuid) as task
 -- name: retry_task
 select taskman.retry_task(%(task_id)s::uuid) as task
 
+-- name: rotate_callback_secret
+select taskman.rotate_callback_secret(%(keep_previous_seconds)s::integer) as secret
+
 -- name: task_stats
 select taskman.task_stats(coalesce(%(since)s::timestamptz, now() - interval '7 days')) as stats
 
@@ -190,7 +193,7 @@ select task_id::text as task_id, poll_url, poll_method,
        nullif(poll_headers, '{}') as poll_headers, poll_body::text as poll_body,
        profile::text as profile, attempt_count, error_count, poll_interval_seconds,
        submit_url, submit_method, submit_headers, submit_body::text as submit_body,
-       callback_token, held
+       callback_token, owner::text as owner, held
 from taskman.claim_admitted_tasks(%(worker_id)s::text, %(batch_size)s::integer,
                                   %(lease_seconds)s::integer, %(cooldown_seconds)s::float8,
                                   %(max_cooldown_seconds)s::float8, %(spread_seconds)s::float8)
@@ -302,21 +305,24 @@ select taskman.reset_host(%(host)s::text, %(spread_seconds)s::float8) as host
 select taskman.host_status() as hosts
 
 -- name: host_metrics
--- Every host with a row, and its live tasks (one scan of the schedule).
+-- Every host with a row (not the owners' rows on it), and its live tasks (one scan of
+-- the schedule).
 select h.host, h.state = 'open' as open, coalesce(h.paused_until > now(), false) as paused,
        h.consecutive_failures, h.failures_total, h.throttled_total, h.rate_limit,
        coalesce(w.tasks, 0) as tasks_waiting
 from taskman_private.hosts h
 left join (select s.host, count(*) as tasks from taskman_private.task_schedule s
            where s.next_poll_at is not null group by s.host) w on w.host = h.host
+where h.owner is null
 order by h.host
 
 -- Callbacks (worker.notify.callback_hosts): the hosts that hold callbacks back, and the
 -- gate after a claim.
 
 -- name: callback_host_states
--- The hosts with an open circuit or a pause; `closed_to_claims`: not even a probe is due.
-select h.host,
+-- The hosts and owners with an open circuit or a pause (`owner`: null for a host's own
+-- circuit); `closed_to_claims`: not even a probe is due.
+select h.host, h.owner,
        coalesce(h.paused_until > now(), false)
          or (h.state = 'open' and coalesce(h.next_probe_at > now(), true)) as closed_to_claims
 from taskman_private.hosts h
@@ -327,6 +333,20 @@ select held
 from taskman.hold_callbacks(%(worker_id)s::text, %(requests)s::jsonb,
                             %(cooldown_seconds)s::float8, %(max_cooldown_seconds)s::float8,
                             %(take_probes)s::boolean) as held
+
+-- Owners' callback signing secrets (worker.notify.owner_secrets): those rotated after
+-- `since` (every one when null), with the database's clock to start the next look from.
+-- A look that finds nothing reads one page of callback_secrets_rotated_idx.
+
+-- name: callback_secrets_since
+select n.read_at, s.user_id, s.secret,
+       case when s.previous_valid_until > n.read_at then s.previous_secret end
+         as previous_secret,
+       case when s.previous_valid_until > n.read_at then s.previous_valid_until end
+         as previous_valid_until
+from (select now() as read_at) n
+left join taskman_private.callback_secrets s
+  on s.rotated_at > coalesce(%(since)s::timestamptz, '-infinity'::timestamptz)
 
 -- Realtime (taskman realtime): how task changes reach browsers.
 

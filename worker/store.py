@@ -181,6 +181,13 @@ def retry_task(conn: psycopg.Connection[Any], task_id: UUID | str) -> Row:
     return _scalar(conn, "retry_task", {"task_id": task_id})
 
 
+def rotate_callback_secret(conn: psycopg.Connection[Any], keep_previous_seconds: int) -> Row:
+    """The caller's new callback signing secret (shown once); the one it replaces keeps
+    signing for ``keep_previous_seconds``."""
+    return _scalar(conn, "rotate_callback_secret",
+                   {"keep_previous_seconds": keep_previous_seconds})
+
+
 def task_stats(conn: psycopg.Connection[Any], since: datetime | None) -> Row:
     """``task_stats`` since ``since`` (default: 7 days ago)."""
     return _scalar(conn, "task_stats", {"since": since})
@@ -407,6 +414,17 @@ async def hold_callbacks(conn: psycopg.AsyncConnection[Any], worker_id: str,
             "worker_id": worker_id, "requests": requests, "cooldown_seconds": cooldown_seconds,
             "max_cooldown_seconds": max_cooldown_seconds, "take_probes": take_probes})
         return set(await cur.fetchall())
+
+
+async def callback_secrets_since(conn: psycopg.AsyncConnection[Any],
+                                 since: datetime | None) -> tuple[datetime, list[Row]]:
+    """The database's clock and the owners' signing secrets rotated after ``since`` (all
+    when None): ``user_id``, ``secret``, and ``previous_secret`` with
+    ``previous_valid_until`` while the one it replaced still signs."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_q("callback_secrets_since"), {"since": since})
+        rows = await cur.fetchall()
+    return rows[0]["read_at"], [r for r in rows if r["user_id"] is not None]
 
 
 async def record_host_outcomes(conn: psycopg.AsyncConnection[Any], worker_id: str,

@@ -1,4 +1,5 @@
-"""Remote hosts at the edge: GET /hosts for the service and for users, per-host /metrics."""
+"""Remote hosts at the edge: GET /hosts for the service and for users (per-host /metrics:
+test_metrics_token.py)."""
 
 from __future__ import annotations
 
@@ -32,17 +33,3 @@ def test_hosts_lists_open_circuits_and_limits_with_the_tasks_waiting(service, al
 
     mine = alice.http.get("/hosts").json()
     assert [(h["host"], h["tasks_waiting"]) for h in mine] == [(down, 2)]
-
-
-def test_metrics_export_per_host_state_failures_and_throttled(edge, db) -> None:
-    host = f"https://m{uuid.uuid4().hex[:8]}.example.com:443"
-    fail_host(db, host, times=4, threshold=3)
-    db.execute("update taskman_private.hosts set throttled_total = 7 where host = %s", (host,))
-    with edge.client(token=None) as client:
-        text = client.get("/metrics").text
-    label = f'{{host="{host}"}}'
-    assert f"taskman_host_circuit_open{label} 1.0" in text
-    assert f"taskman_host_consecutive_failures{label} 4.0" in text
-    assert f"taskman_host_failures_total{label} 4.0" in text
-    assert f"taskman_host_throttled_total{label} 7.0" in text
-    assert f"taskman_host_tasks_waiting{label} 0.0" in text

@@ -46,7 +46,7 @@ def api_schema(edge):
                          ids=lambda m: m.value)
 def test_no_input_breaks_the_api(api_schema, mode) -> None:
     operations = [r.ok() for r in api_schema.exclude(path="/events").get_all_operations()]
-    assert len(operations) == 15
+    assert len(operations) == 16
 
     for operation in operations:
         @given(case=operation.as_strategy(generation_mode=mode))

@@ -1,8 +1,10 @@
 """CLI command ``taskman hosts``: remote hosts holding tasks back, and closing a circuit.
 
 ``taskman hosts`` lists hosts with an open circuit, a Retry-After pause, a rate limit
-or recent failures, with how many live tasks wait on each (the dashboard's panel).
-``taskman hosts reset <host>`` closes a host's circuit by hand: its tasks resume,
+or recent failures, with how many owners' own circuits or pauses hold them there and how
+many live tasks wait on each (the dashboard's panel).
+``taskman hosts reset <host>`` closes a host's circuit by hand, and every owner's on it:
+its tasks resume,
 spread over ``TASKMAN_HOST_RESUME_SPREAD``, and Slack hears that it closed.
 """
 
@@ -18,7 +20,7 @@ from worker.cli.task_commands import EXIT_USAGE, CommandError, format_table, ope
 from worker.remote.host_keys import host_key
 
 _COLUMNS = ["host", "state", "since", "next_probe_at", "paused_until", "rate_limit",
-            "consecutive_failures", "last_error", "tasks_waiting"]
+            "consecutive_failures", "last_error", "owners_held", "tasks_waiting"]
 
 
 def cmd_hosts(conninfo: str, args: argparse.Namespace) -> int:

@@ -91,11 +91,11 @@ def create_app(
         jwks_refresh_interval=settings.jwks_refresh_interval_seconds,
         jwks_max_age=settings.jwks_max_age_seconds,
     )
-    app.state.metrics = EdgeMetrics(pool)
-    # New tasks' URLs are checked against the policy the worker applies (same settings).
-    app.state.network_policy = NetworkPolicy.from_settings(settings)
     token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
     app.state.metrics_token = token.encode() if token else None
+    app.state.metrics = EdgeMetrics(pool, host_series=app.state.metrics_token is not None)
+    # New tasks' URLs are checked against the policy the worker applies (same settings).
+    app.state.network_policy = NetworkPolicy.from_settings(settings)
     install_error_handlers(app)
     app.include_router(routes.router, tags=["tasks"])
     app.include_router(routes.seed_router)

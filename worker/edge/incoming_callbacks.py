@@ -1,5 +1,7 @@
 """Reading a third party's callback body: Taskman's own report shape, else the task's
-response profile (as a poll answer would be read). Pure functions, no I/O."""
+response profile (as a poll answer would be read). Pure functions, no I/O. A result that
+could not be stored (NaN, say, which Python reads but JSON cannot write) is refused here,
+naming the field as the database would."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pydantic import ValidationError
 
 from worker.domain import TaskReport
 from worker.edge.errors import ApiError
+from worker.remote.json_bounds import json_problem
 from worker.remote.profiles import ProfileError, ResponseProfile, read_response
 
 _STATUS_OF_STATE = {"completed": "completed", "failed": "failed", "running": "in_progress"}
@@ -30,10 +33,18 @@ def plain_report(raw: bytes) -> tuple[TaskReport | None, str | None]:
     if not isinstance(data, dict) or not data.keys() <= TaskReport.model_fields.keys():
         return None, None
     try:
-        return TaskReport.model_validate(data), None
+        report = TaskReport.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         return None, f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+    return _storable(report), None
+
+
+def _storable(report: TaskReport) -> TaskReport:
+    """`report`, if its result can be stored; else ApiError 422 naming the result."""
+    if problem := json_problem(report.result):
+        raise ApiError(422, "invalid_argument", f"result {problem}", "result")
+    return report
 
 
 def report_from_profile(
@@ -64,10 +75,10 @@ def report_from_profile(
             f"progress, progress_message) nor readable: {why}.",
         )
     status = _STATUS_OF_STATE.get(reading.state)  # pending: progress only
-    return TaskReport.model_construct(
+    return _storable(TaskReport.model_construct(
         status=status,
         result=reading.result if status == "completed" else None,
         error_message=None,
         progress=reading.progress,
         progress_message=reading.progress_message,
-    )
+    ))

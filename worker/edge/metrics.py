@@ -1,6 +1,9 @@
 """Prometheus metrics of the edge: requests by route and status, latency, tasks by status,
 remote hosts.
 
+Host series name every user's remote hosts, so they are exported only behind
+``TASKMAN_METRICS_TOKEN``: an edge without the token serves the rest.
+
 Each app has its own registry, so several apps in one process (tests) do not clash.
 Task counts are computed when Prometheus scrapes, not kept up to date in memory.
 """
@@ -97,9 +100,10 @@ class HostCollector(Collector):
 
 
 class EdgeMetrics:
-    """The registry of one app and the instruments the middleware updates."""
+    """The registry of one app and the instruments the middleware updates; the per-host
+    series only if `host_series` (the scrape needs a token)."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, *, host_series: bool) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "taskman_edge_requests",
@@ -114,7 +118,8 @@ class EdgeMetrics:
             registry=self.registry,
         )
         self.registry.register(TaskStatusCollector(pool))
-        self.registry.register(HostCollector(pool))
+        if host_series:
+            self.registry.register(HostCollector(pool))
 
 
 class MetricsMiddleware:

@@ -180,6 +180,9 @@ class Host(BaseModel):
     consecutive_failures: int
     last_error: str | None
     rate_limit: float | None = Field(description="Requests per second, for all workers.")
+    owners_held: int = Field(
+        default=0, description="Owners whose own circuit or pause holds their tasks on the "
+        "host (the service's view; 0 for a user).")
     tasks_waiting: int
 
 
@@ -188,6 +191,15 @@ class CallbackAck(BaseModel):
 
     task_id: UUID
     status: Status
+
+
+class CallbackSecret(BaseModel):
+    """The caller's new callback signing secret, shown once."""
+
+    secret: str = Field(description="whsec_<base64>: give it to your receivers; shown once.")
+    rotated_at: datetime
+    previous_valid_until: datetime | None = Field(
+        description="Until when the secret it replaced still signs too (None: it stopped).")
 
 
 class Health(BaseModel):

@@ -31,6 +31,7 @@ from worker.edge.errors import ApiError, error_responses, not_found
 from worker.edge.incoming_callbacks import plain_report, report_from_profile
 from worker.edge.models import (
     CallbackAck,
+    CallbackSecret,
     CreatedTask,
     DateTimeParam,
     EventPage,
@@ -240,6 +241,23 @@ def stats(
     since: Annotated[DateTimeParam | None, Query(description="Default: 7 days ago.")] = None,
 ) -> Any:
     return _call(request, caller, store.task_stats, since)
+
+
+@router.post("/callback-secret", response_model=CallbackSecret,
+             summary="Create or rotate the caller's callback signing secret",
+             responses=error_responses(403))
+def rotate_callback_secret(
+    request: Request,
+    caller: Caller,
+    keep_previous_seconds: Annotated[int, Query(
+        ge=0, le=604_800,
+        description="How long the secret it replaces keeps signing too (default a day; "
+                    "0 after a leak).")] = 86_400,
+) -> Any:
+    """A signed-in user's own secret for their tasks' completion callbacks (Standard
+    Webhooks ``webhook-signature``), returned once; workers sign with it within a few
+    seconds. The service (an API key) has none: 403."""
+    return _call(request, caller, store.rotate_callback_secret, keep_previous_seconds)
 
 
 @router.get("/hosts", response_model=list[Host],

@@ -1,13 +1,15 @@
 """The circuit breakers and Retry-After pauses of remote hosts (``taskman_private.hosts``,
 see ``worker.polling.hosts``) applied to completion callbacks, for the callback stream.
 
-A callback whose receiver host has an open circuit or is paused is not sent: claims skip
-the host (``claim_outbox``'s ``skip_hosts``, from a host list read at most every
-``REFRESH_SECONDS``), and a claimed row of such a host is given back (``hold_callbacks``:
-due, same delivery id, no attempt spent), except the one that goes as the host's probe
-when it is due. Callback outcomes count toward their hosts' circuits like poll outcomes
-(``record_host_outcomes``, one statement a batch); a failed probe is given back, not
-recorded. When the circuit closes, the held callbacks are claimed again.
+A callback whose receiver host has an open circuit or is paused, for everyone or for
+the owner of its task, is not sent: claims skip a host closed for everyone
+(``claim_outbox``'s ``skip_hosts``, from a host list read at most every
+``REFRESH_SECONDS``), and a claimed row of such a host or owner is given back
+(``hold_callbacks``: due, same delivery id, no attempt spent), except the one that goes
+as the probe when it is due. Callback outcomes count toward their owner's circuit on the
+receiver host like poll outcomes (``record_host_outcomes``, one statement a batch); a
+failed probe is given back, not recorded. When the circuit closes, the held callbacks are
+claimed again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -23,7 +25,7 @@ import psycopg
 from worker import store
 from worker.config import Settings
 from worker.notify.delivery import Delivery
-from worker.polling.hosts import HostGate, host_verdict
+from worker.polling.hosts import SERVICE, HostGate, host_verdict
 from worker.remote.host_keys import host_key
 
 # How stale the list of open and paused hosts may be.
@@ -57,7 +59,9 @@ class CallbackHosts:
         self._settings = settings
         self._worker_id = worker_id
         self._gate = HostGate(settings, worker_id)
-        self._states: dict[str, bool] = {}  # host key -> closed to claims (no probe due)
+        # Host key, or host key#owner for an owner's own circuit -> closed to claims (no
+        # probe due).
+        self._states: dict[str, bool] = {}
         self._spellings: dict[str, set[str]] = {}  # authorities seen in rows held back
         self._checked_at = -math.inf
         self._probes: set[int] = set()  # outbox ids sent to an open or paused host
@@ -69,23 +73,27 @@ class CallbackHosts:
             self._states = await store.callback_host_states(conn)
             self._checked_at = time.monotonic()
             self._spellings = {k: v for k, v in self._spellings.items() if k in self._states}
-        return sorted({spelled for key, closed in self._states.items() if closed
+        return sorted({spelled for key, closed in self._states.items()
+                       if closed and "#" not in key
                        for spelled in _authorities(key) | self._spellings.get(key, set())})
 
     async def hold(self, conn: psycopg.AsyncConnection[Any],
-                   callbacks: Sequence[tuple[int, str | None]]) -> set[int]:
-        """Of claimed ``(outbox_id, callback_url)`` pairs, the ids their hosts hold back
-        (given back to the outbox); the others may be sent, one of them perhaps as its
-        host's probe."""
-        watched = [(outbox_id, key, url) for outbox_id, url in callbacks
-                   if (key := host_key(url)) is not None and key in self._states]
+                   callbacks: Sequence[tuple[int, str | None, str | None]]) -> set[int]:
+        """Of claimed ``(outbox_id, callback_url, owner)`` callbacks, the ids their hosts
+        or owners' circuits hold back (given back to the outbox); the others may be sent,
+        one of them perhaps as a probe."""
+        if not self._states:  # nearly always: no host or owner restricts anything
+            return set()
+        watched = [(outbox_id, key, url, keys) for outbox_id, url, owner in callbacks
+                   if (key := host_key(url)) is not None
+                   and (keys := self._watched_keys(key, owner))]
         if not watched:
             return set()
         held = await store.hold_callbacks(
-            conn, self._worker_id, [(i, key) for i, key, _ in watched],
+            conn, self._worker_id, [(i, k) for i, _, _, keys in watched for k in keys],
             cooldown_seconds=self._settings.host_cooldown_seconds,
             max_cooldown_seconds=self._settings.host_max_cooldown_seconds)
-        for outbox_id, key, url in watched:
+        for outbox_id, key, url, _ in watched:
             if outbox_id in held:
                 self._spellings.setdefault(key, set()).add(callback_host(url))
             else:
@@ -93,18 +101,27 @@ class CallbackHosts:
         self._checked_at = -math.inf  # a probe was taken, or a host has changed: look again
         return held
 
+    def _watched_keys(self, key: str, owner: str | None) -> list[str]:
+        """The circuits known to restrict a callback to `key` for `owner`: the owner's
+        own, then the host's."""
+        return [k for k in (f"{key}#{owner or SERVICE}", key) if k in self._states]
+
     async def report(self, conn: psycopg.AsyncConnection[Any],
-                     finished: Sequence[tuple[int, str | None, Delivery]]) -> set[int]:
-        """Record what finished ``(outbox_id, callback_url, delivery)`` callbacks say
-        about their hosts; returns the ids of failed probes given back to the outbox
+                     finished: Sequence[tuple[int, str | None, str | None, Delivery]]
+                     ) -> set[int]:
+        """Record what finished ``(outbox_id, callback_url, owner, delivery)`` callbacks
+        say about their hosts; returns the ids of failed probes given back to the outbox
         instead (not to be recorded: they spend no attempt)."""
-        outcomes = [{"host": host_key(url), "http_status": d.http_status, "reason": d.reason,
-                     "retry_after_seconds": d.retry_after_seconds} for _, url, d in finished]
+        outcomes = [{"host": host_key(url), "owner": owner, "http_status": d.http_status,
+                     "reason": d.reason, "retry_after_seconds": d.retry_after_seconds}
+                    for _, url, owner, d in finished]
         await self._gate.report(conn, outcomes)
-        failed = [(i, host_key(url)) for (i, url, _), o in zip(finished, outcomes, strict=True)
+        failed = [(i, host_key(url), owner)
+                  for (i, url, owner, _), o in zip(finished, outcomes, strict=True)
                   if host_verdict(o) == "failure"]
-        probes = [(i, key) for i, key in failed if i in self._probes and key is not None]
-        self._probes.difference_update(i for i, _, _ in finished)
+        probes = [(i, k) for i, key, owner in failed if i in self._probes and key is not None
+                  for k in [f"{key}#{owner or SERVICE}", key]]
+        self._probes.difference_update(i for i, _, _, _ in finished)
         if failed:
             self._checked_at = -math.inf  # a circuit may have opened
         if not probes:
@@ -113,3 +130,9 @@ class CallbackHosts:
             conn, self._worker_id, probes,
             cooldown_seconds=self._settings.host_cooldown_seconds,
             max_cooldown_seconds=self._settings.host_max_cooldown_seconds, take_probes=False)
+
+
+def callback_owner(payload: Mapping[str, Any] | None) -> str | None:
+    """The owner of a callback's task (its ``user_id``; None: the service's own)."""
+    owner = payload.get("user_id") if payload is not None else None
+    return owner if isinstance(owner, str) else None

@@ -1,8 +1,9 @@
 """Completion callbacks: POST a finished task's public JSON to its ``callback_url``, signed.
 
-The signature is ``sha256=<hex>`` of HMAC-SHA256 over ``"<timestamp>.<body>"`` with
-``TASKMAN_CALLBACK_SECRET``, sent in ``X-Taskman-Signature`` beside
-``X-Taskman-Timestamp`` (Unix seconds). docs/callbacks.md has the receiver's recipe.
+Signed as Standard Webhooks (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``)
+with the owner's own secret or ``TASKMAN_CALLBACK_SECRET``, and, deprecated, with
+``X-Taskman-Timestamp`` and ``X-Taskman-Signature``: worker.notify.signing.
+docs/callbacks.md has the receiver's recipe.
 """
 
 from __future__ import annotations
@@ -19,31 +20,25 @@ import aiohttp
 
 from worker.config import Settings
 from worker.notify.delivery import Delivery
+from worker.notify.owner_secrets import SecretsUnavailable
 from worker.notify.refusals import RefusedCallbacks
+from worker.notify.signing import CallbackSigner, legacy_signature
 from worker.remote.backoff import parse_retry_after
 from worker.remote.headers import headers_problem
 from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 
-SIGNATURE_HEADER = "X-Taskman-Signature"
-TIMESTAMP_HEADER = "X-Taskman-Timestamp"
 DELIVERY_HEADER = "X-Taskman-Delivery"
 EVENT_HEADER = "X-Taskman-Event"
 USER_AGENT = "taskman-callbacks/0.1"
+# Header names only Taskman sends (a task's callback_headers with them are left out).
+RESERVED = ("x-taskman-", "webhook-")
 # How much of a receiver's error answer is kept (service-only) to help diagnose it.
 KEPT_ERROR_BODY = 500
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The ``X-Taskman-Signature`` value for ``body`` sent at ``timestamp``."""
-    return _signed(hmac.new(secret.encode(), digestmod=hashlib.sha256), timestamp, body)
-
-
-def _signed(keyed: hmac.HMAC, timestamp: int, body: bytes) -> str:
-    """``sign`` with the secret's HMAC state already keyed (it is copied, not changed)."""
-    mac = keyed.copy()
-    mac.update(b"%d." % timestamp)
-    mac.update(body)
-    return "sha256=" + mac.hexdigest()
+    """The deprecated ``X-Taskman-Signature`` value for ``body`` sent at ``timestamp``."""
+    return legacy_signature(hmac.new(secret.encode(), digestmod=hashlib.sha256), timestamp, body)
 
 
 def verify_signature(
@@ -55,10 +50,12 @@ def verify_signature(
     tolerance_seconds: float = 300,
     now: float | None = None,
 ) -> bool:
-    """Whether a received callback is genuine and recent (for Python receivers).
+    """Whether a callback's deprecated ``X-Taskman-Signature`` is genuine and recent.
 
     ``timestamp`` and ``signature`` are the header values as received; a timestamp
-    more than ``tolerance_seconds`` away from ``now`` fails, which stops replays.
+    more than ``tolerance_seconds`` away from ``now`` fails, which stops replays. It
+    proves the body is Taskman's, no more: the receiver still checks the body's
+    ``callback_url``, ``user_id`` and ``task_id`` (docs/callbacks.md).
     """
     try:
         sent_at = int(timestamp)
@@ -99,14 +96,17 @@ class CallbackSender:
 
     Build it with ``callback_client`` (worker.remote.netguard's guarded_session) so
     callback URLs, which users choose, obey the same network policy as polls. Redirects
-    are not followed. Without a secret, callbacks go out unsigned. Refusals by the
-    network policy are reported to `refusals` (a log line and a counter).
+    are not followed. ``signer`` signs them (the worker's, ``signing.worker_signing``:
+    owners' own secrets, then ``secret``); without one, ``secret`` alone (None:
+    unsigned). Refusals by the network policy are reported
+    to `refusals` (a log line and a counter).
     """
 
     def __init__(self, http: aiohttp.ClientSession, secret: str | None,
-                 refusals: RefusedCallbacks | None = None) -> None:
+                 refusals: RefusedCallbacks | None = None, *,
+                 signer: CallbackSigner | None = None) -> None:
         self._http = http
-        self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256) if secret else None
+        self._signer = signer or CallbackSigner(secret)
         self._refusals = refusals or RefusedCallbacks()
 
     async def deliver(self, outbox_id: int, payload: Mapping[str, Any],
@@ -114,7 +114,7 @@ class CallbackSender:
         """POST ``payload`` to its ``callback_url``: any 2xx answer is a delivery.
 
         ``extra_headers`` (the task's callback_headers) go out too; Taskman's own
-        headers cannot be overridden by them."""
+        headers (signatures included, ``webhook-*``) cannot be overridden by them."""
         url = payload.get("callback_url")
         if not url:
             return Delivery("given_up", reason="no_callback_url")
@@ -123,23 +123,25 @@ class CallbackSender:
         except (ValueError, TypeError, RecursionError) as exc:
             return Delivery("failed", reason="unserializable_payload",
                             error=f"the task's JSON could not be written out: {exc!r}"[:500])
-        timestamp = int(time.time())
+        try:
+            signed = await self._signer.headers(outbox_id, payload.get("user_id"),
+                                                int(time.time()), body)
+        except SecretsUnavailable as exc:
+            return Delivery("failed", reason="signing_secrets_unavailable", error=str(exc))
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             DELIVERY_HEADER: str(outbox_id),
             EVENT_HEADER: f"task.{payload.get('status')}",
-            TIMESTAMP_HEADER: str(timestamp),
+            **signed,
         }
-        if self._keyed is not None:
-            headers[SIGNATURE_HEADER] = _signed(self._keyed, timestamp, body)
         if extra_headers:
             if problem := headers_problem(extra_headers, "callback"):
                 return Delivery("given_up", reason="invalid_headers",
                                 error=f"callback_headers cannot be sent: {problem}"[:500])
-            ours = {name.lower() for name in headers} | {SIGNATURE_HEADER.lower()}
+            ours = {name.lower() for name in headers}
             headers = {**{k: v for k, v in extra_headers.items()
-                          if k.lower() not in ours and not k.lower().startswith("x-taskman-")},
+                          if k.lower() not in ours and not k.lower().startswith(RESERVED)},
                        **headers}
         started = time.perf_counter()
         try:

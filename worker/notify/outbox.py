@@ -41,10 +41,11 @@ from psycopg_pool import PoolTimeout
 from worker import db, store
 from worker.config import Settings
 from worker.domain import ServiceContext
-from worker.notify.callback_hosts import CallbackHosts, callback_host
+from worker.notify.callback_hosts import CallbackHosts, callback_host, callback_owner
 from worker.notify.completion_callbacks import CallbackSender
 from worker.notify.delivery import Delivery
 from worker.notify.refusals import RefusedCallbacks
+from worker.notify.signing import CallbackSigner
 from worker.notify.slack import SlackAlerter, alert_text, host_alert_text, is_host_alert
 
 log = logging.getLogger(__name__)
@@ -106,12 +107,13 @@ class OutboxDispatcher:
     """
 
     def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession,
-                 refusals: RefusedCallbacks | None = None) -> None:
+                 refusals: RefusedCallbacks | None = None,
+                 signer: CallbackSigner | None = None) -> None:
         self.worker_id = worker_id
         self._settings = settings
         self._slack = SlackAlerter.from_settings(settings)
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-        self._callbacks = CallbackSender(http, secret, refusals)
+        self._callbacks = CallbackSender(http, secret, refusals, signer=signer)
         self._limit = asyncio.Semaphore(settings.concurrency)
         # The lease must outlast a round: the batch's callbacks go out in waves of
         # `concurrency`, each wave taking up to the timeout; one wave more for margin.
@@ -287,11 +289,12 @@ class CallbackStream:
     pool_connections = 2  # one claiming, one recording
 
     def __init__(self, settings: Settings, worker_id: str, http: aiohttp.ClientSession,
-                 refusals: RefusedCallbacks | None = None) -> None:
+                 refusals: RefusedCallbacks | None = None,
+                 signer: CallbackSigner | None = None) -> None:
         self.worker_id = worker_id
         self._settings = settings
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-        self._callbacks = CallbackSender(http, secret, refusals)
+        self._callbacks = CallbackSender(http, secret, refusals, signer=signer)
         self._capacity = settings.concurrency
         self._per_host = settings.per_host_concurrency
         # Rows held ready beyond those in flight: one claim's worth.
@@ -391,7 +394,8 @@ class CallbackStream:
             rows = [OutboxRow.claimed(**row) for row in await store.claim_outbox(
                 conn, self.worker_id, wanted, self._lease_seconds, channel="callback",
                 skip_hosts=skip)]
-            held = await self._hosts.hold(conn, [(r.outbox_id, _url(r)) for r in rows])
+            held = await self._hosts.hold(
+                conn, [(r.outbox_id, _url(r), callback_owner(r.payload)) for r in rows])
         sendable = [r for r in rows if r.outbox_id not in held]
         for row in sendable:
             self._hold(row, lease_ends)
@@ -501,7 +505,8 @@ class CallbackStream:
                 async with context.connection() as conn:
                     if results is None:
                         given_back = await self._hosts.report(
-                            conn, [(r.outbox_id, _url(r), d) for r, d in batch])
+                            conn, [(r.outbox_id, _url(r), callback_owner(r.payload), d)
+                                   for r, d in batch])
                         results = [_result(self.worker_id, r, d) for r, d in batch
                                    if r.outbox_id not in given_back]
                     await _record(self._settings, conn, results)

@@ -70,12 +70,14 @@ def host_alert_text(alert: Mapping[str, Any]) -> str:
     host = _escape(alert.get("host"))
     since = _escape(_when(alert.get("since")))
     waiting = int(alert.get("tasks_waiting") or 0)
+    owner = alert.get("owner")
+    whose = f" for the tasks of owner `{_escape(owner)}`" if owner else ""
     if alert.get("event") == "opened":
-        return (f":no_entry: Taskman: host `{host}` is failing; its circuit is open since "
-                f"{since}. {waiting} tasks wait for it (probing with backoff). "
+        return (f":no_entry: Taskman: host `{host}` is failing{whose}; its circuit is open "
+                f"since {since}. {waiting} tasks wait for it (probing with backoff). "
                 f"Last error: {_escape(alert.get('last_error') or 'unknown')}.")
-    return (f":white_check_mark: Taskman: host `{host}` answers again; its circuit is closed "
-            f"(open since {since}). {waiting} tasks resume.")
+    return (f":white_check_mark: Taskman: host `{host}` answers again{whose}; its circuit is "
+            f"closed (open since {since}). {waiting} tasks resume.")
 
 
 def _when(iso: object) -> str:

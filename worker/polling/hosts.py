@@ -1,17 +1,26 @@
 """Remote hosts as all workers see them: the gate after each claim and the host side of
-each batch of outcomes (circuit breaker, Retry-After pauses, rate limits).
+each batch of outcomes (circuit breakers, Retry-After pauses, rate limits).
 
-The state lives in ``taskman_private.hosts``; each call here is one statement for a
-whole batch: the claim and the record of polls include the host table's side, and a
-report goes in the transaction of the record it goes with.
+The state lives in ``taskman_private.hosts``, per owner: what one owner's requests meet
+(failures, a Retry-After) holds that owner's tasks on the host; the host's own circuit
+opens only when it fails for more than one owner (or for the service's own tasks). Each
+call here is one statement for a whole batch: the claim and the record of polls include
+the host table's side, and a report goes in the transaction of the record it goes with.
 Polls and submits both go through it: a claimed task's request is to its submit URL
 until the submit worked, then to its poll URL.
+
+Between a claim and the record that opens a circuit, the worker keeps its own count
+(``LocalCircuits``): once an owner's requests to a host have failed as many times in a
+row as open a circuit, what it claimed for them before and has not sent stays unsent
+and goes back to the schedule, spending nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
@@ -26,6 +35,8 @@ log = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = frozenset({"connection_error", "timeout"})
 
 HostVerdict = Literal["success", "failure"]
+# The owner of the service's own tasks, in circuits' keys.
+SERVICE = "service"
 
 
 def host_verdict(outcome: Mapping[str, Any]) -> HostVerdict | None:
@@ -99,26 +110,109 @@ class HostGate:
             conn, self.worker_id, reports,
             failure_threshold=self.settings.host_failure_threshold, **self._timing())
 
-    @staticmethod
-    def _reports(outcomes: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """What `outcomes` tell the host table: every failure, and per host the last
-        success (only it says that the failures before it are not consecutive)."""
+    def _reports(self, outcomes: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """What `outcomes` tell the host table: every failure and unsent request, and per
+        host and owner the last success (only it says that the failures before it are
+        not consecutive). A Retry-After counts for at most TASKMAN_HOST_MAX_PAUSE."""
+        max_pause = self.settings.host_max_pause_seconds
         reports = []
         for outcome in outcomes:
-            verdict = host_verdict(outcome)
             host = outcome.get("host")
+            verdict = "unsent" if outcome.get("unsent") else host_verdict(outcome)
             if verdict is None or host is None:
                 continue
             reports.append({"task_id": outcome.get("task_id"), "host": host,
-                            "result": verdict,
+                            "owner": outcome.get("owner"), "result": verdict,
                             "error": _error(outcome) if verdict == "failure" else None,
-                            "retry_after_seconds": outcome.get("retry_after_seconds")})
-        last_success = {r["host"]: i for i, r in enumerate(reports) if r["result"] == "success"}
+                            "retry_after_seconds": _capped(outcome.get("retry_after_seconds"),
+                                                           max_pause)})
+        last_success = {(r["host"], r["owner"]): i for i, r in enumerate(reports)
+                        if r["result"] == "success"}
         return [r for i, r in enumerate(reports)
-                if r["result"] == "failure" or last_success[r["host"]] == i]
+                if r["result"] != "success" or last_success[r["host"], r["owner"]] == i]
+
+
+def _capped(seconds: float | None, at_most: float) -> float | None:
+    return None if seconds is None else min(seconds, at_most)
 
 
 def _error(outcome: Mapping[str, Any]) -> str:
     """A failure's short code: ``http_503``, ``connection_error``, ``timeout``."""
     status = outcome.get("http_status")
     return f"http_{status}" if status is not None else str(outcome.get("reason"))
+
+
+@dataclass
+class _Run:
+    """One owner's requests to one host since their last answer: failures in a row, and
+    when they reached the threshold (monotonic; None below it)."""
+
+    failures: int = 0
+    tripped_at: float | None = None
+    # Claims that began before this moment were admitted before the database knew: they
+    # stay unsent. +inf until a record that holds the tripping failure has committed.
+    settled_at: float = float("inf")
+    trip_seq: int = 0
+
+
+class LocalCircuits:
+    """One worker's count of each owner's consecutive failures on each host, for the
+    moments between a claim and the record that opens the circuit in the database.
+
+    ``observe`` sees every outcome as it ends; ``recorded`` is told how many outcomes the
+    database has taken; ``withheld`` says whether a claimed task must stay unsent. A host
+    is withheld for everyone only where the database would open it: two owners (or the
+    service) tripped on it.
+    """
+
+    def __init__(self, threshold: int, lease_seconds: float) -> None:
+        self.threshold = threshold
+        self.lease_seconds = lease_seconds
+        self._runs: dict[str, dict[str, _Run]] = {}  # host -> owner -> run
+        self._seen = 0  # outcomes observed, in the order the recorder takes them
+
+    def observe(self, host: str | None, owner: str | None,
+                outcome: Mapping[str, Any]) -> None:
+        """Count one finished request (call it as its outcome is queued for recording)."""
+        self._seen += 1
+        verdict = host_verdict(outcome)
+        if host is None or verdict is None:
+            return
+        owners = self._runs.get(host)
+        if verdict == "success":
+            if owners is not None:
+                owners.pop(owner or SERVICE, None)
+                if not owners:
+                    del self._runs[host]
+            return
+        run = self._runs.setdefault(host, {}).setdefault(owner or SERVICE, _Run())
+        run.failures += 1
+        if run.failures >= self.threshold and run.tripped_at is None:
+            run.tripped_at, run.trip_seq = time.monotonic(), self._seen
+
+    def recorded(self, upto: int) -> None:
+        """The database has taken the first `upto` outcomes observed: circuits they
+        tripped are open there now, and later claims are admitted knowing it."""
+        now = time.monotonic()
+        for host, owners in list(self._runs.items()):
+            for owner, run in list(owners.items()):
+                if run.tripped_at is None:
+                    continue
+                if run.settled_at == float("inf"):
+                    if run.trip_seq <= upto:
+                        run.settled_at = now
+                elif now - run.settled_at > self.lease_seconds:
+                    del owners[owner]  # nothing claimed before it can still be waiting
+            if not owners:
+                del self._runs[host]
+
+    def withheld(self, host: str | None, owner: str | None, claimed_at: float) -> bool:
+        """Whether a task of `owner` claimed at `claimed_at` (monotonic) must not be sent
+        to `host`: its owner's circuit there tripped after it was admitted, or the
+        host's (two owners', or the service's)."""
+        owners = self._runs.get(host) if host is not None else None
+        if not owners:
+            return False
+        tripped = {o for o, run in owners.items()
+                   if run.tripped_at is not None and claimed_at < run.settled_at}
+        return (owner or SERVICE) in tripped or SERVICE in tripped or len(tripped) >= 2

@@ -48,7 +48,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from worker import db, store
 from worker.config import Settings
 from worker.domain import ClaimedTask, PollOutcome, ServiceContext
-from worker.polling.hosts import HostGate
+from worker.polling.hosts import HostGate, LocalCircuits
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.poller import Poller, make_session
 from worker.polling.submitter import Submitter
@@ -144,6 +144,8 @@ class Worker:
         self._submitter: Submitter
         self._hosts = _HostLimits(settings.per_host_concurrency)
         self._gate = HostGate(settings, self.worker_id)
+        self._circuits = LocalCircuits(settings.host_failure_threshold, settings.lease_seconds)
+        self._recorded = 0  # outcomes the recorder has taken, for self._circuits
         self._polls: set[asyncio.Task[None]] = set()  # in flight, for shutdown
         self._polling = 0  # polls not yet finished (slots in use)
         # Claimed tasks waiting for a slot, with when their leases end (monotonic): at most
@@ -411,7 +413,7 @@ class Worker:
             poll.add_done_callback(self._poll_done)
 
     async def _poll(self, task: ClaimedTask, lease_ends: float) -> None:
-        outcome = None
+        outcome: PollOutcome | None = None
         host = host_key(task.request_url)
         try:
             await self._hosts.acquire(host)
@@ -421,7 +423,12 @@ class Worker:
                 # A submit must also end before the lease does, or another worker
                 # could send it a second time.
                 needed = self.settings.poll_timeout_seconds if task.submit_url else 0.0
-                if time.monotonic() + needed < lease_ends:
+                if self._circuits.withheld(host, task.owner,
+                                           lease_ends - self.settings.lease_seconds):
+                    # Its circuit opened after it was claimed: back to the schedule, unsent.
+                    outcome = {"task_id": task.task_id, "worker_id": self.worker_id,
+                               "unsent": True}
+                elif time.monotonic() + needed < lease_ends:
                     # Neither raises. A task still to be submitted is submitted instead.
                     outcome = await (self._submitter.submit(task) if task.submit_url
                                      else self._poller.poll(task))
@@ -436,8 +443,10 @@ class Worker:
             if self._claim_room():  # waking the claimer for less would only put it back
                 self._slot_freed.set()
         if outcome is not None:
-            outcome["host"] = host
-            self.metrics.count_poll(outcome)
+            outcome["host"], outcome["owner"] = host, task.owner
+            if not outcome.get("unsent"):
+                self.metrics.count_poll(outcome)
+            self._circuits.observe(host, task.owner, outcome)
             self._outcomes.append(outcome)
             self._outcome_added.set()
 
@@ -475,6 +484,8 @@ class Worker:
             batch = self._outcomes[:RECORD_BATCH]
             del self._outcomes[:RECORD_BATCH]
             await self._record(batch)
+            self._recorded += len(batch)
+            self._circuits.recorded(self._recorded)
             self._wake_for(batch)
 
     def _wake_for(self, batch: list[PollOutcome]) -> None:
@@ -522,7 +533,7 @@ class Worker:
     async def _record_batch(self, batch: list[PollOutcome]) -> None:
         started = time.perf_counter()
         polled = "[" + ",".join(self._serialized(o) for o in batch
-                                if o.get("status") != "cancelled") + "]"
+                                if o.get("status") != "cancelled" and not o.get("unsent")) + "]"
         # A remote's "cancelled" is an answer: its host never holds it back.
         cancelled = [self._serialized(o) for o in batch if o.get("status") == "cancelled"]
         async with self._connection() as conn:

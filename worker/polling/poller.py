@@ -21,6 +21,7 @@ from worker.polling.profile_cache import ProfileCache
 from worker.remote import backoff
 from worker.remote.bodies import ACCEPT_ENCODING, ResponseTooLarge, UndecodableBody, read_capped
 from worker.remote.headers import headers_problem
+from worker.remote.json_bounds import json_problem
 from worker.remote.netguard import BlockedURL, InvalidHostName, NetworkPolicy, guarded_session
 from worker.remote.profiles import ProfileError, ReadingTooCostly, ResponseProfile, read_response
 
@@ -198,6 +199,10 @@ class Poller:
             return seen | retry_outcome(self.settings, task, self.rand, "unreadable_answer",
                                         reading.reason, unreadable=True)
         if reading.state == "completed":
+            if problem := json_problem(reading.result):
+                # Stored, it could not be served: the task fails, its batch is recorded.
+                return seen | _failed("invalid_response", "unservable_result",
+                                      f"The answer's result cannot be stored: it {problem}.")
             return {**seen, "ok": True, "status": "completed", "result": reading.result}
         if reading.state == "failed":
             # The poll itself worked (ok); error_message stays null, so the database

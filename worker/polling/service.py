@@ -16,6 +16,7 @@ from worker.notify.completion_callbacks import callback_client
 from worker.notify.expiry import EXPIRY_INTERVAL_SECONDS, NotificationExpiry
 from worker.notify.outbox import CallbackStream, OutboxDispatcher
 from worker.notify.refusals import RefusedCallbacks
+from worker.notify.signing import worker_signing
 from worker.polling.loop import PeriodicJob, Worker, new_worker_id
 from worker.polling.metrics import WorkerMetrics
 from worker.polling.retention import RETENTION_INTERVAL_SECONDS, Retention
@@ -35,8 +36,8 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
     worker_id = new_worker_id()
     metrics = metrics or WorkerMetrics()
     refusals = RefusedCallbacks(metrics.callbacks_refused)
-    async with callback_client(settings) as http:
-        alerts = OutboxDispatcher(settings, worker_id, http, refusals)
+    async with callback_client(settings) as http, worker_signing(settings, conninfo) as signer:
+        alerts = OutboxDispatcher(settings, worker_id, http, refusals, signer)
         jobs = [PeriodicJob("deliver_alerts", ALERT_WINDOW_SECONDS,
                             partial(alerts.run_once, channel="slack"))]
         expiry = NotificationExpiry(settings)
@@ -46,7 +47,7 @@ async def run_worker(settings: Settings, conninfo: str, stop: asyncio.Event,
         retention = Retention(settings)
         if retention.enabled:
             jobs.append(PeriodicJob("retention", RETENTION_INTERVAL_SECONDS, retention.run_once))
-        services = [CallbackStream(settings, worker_id, http, refusals)]
+        services = [CallbackStream(settings, worker_id, http, refusals, signer)]
         await Worker(settings, conninfo, jobs=jobs, services=services, worker_id=worker_id,
                      metrics=metrics).run(stop)
 

@@ -1,8 +1,10 @@
 """Submitting a claimed task: the one request that starts its remote job.
 
 Sent with ``Idempotency-Key: <task_id>`` through the polls' session (the same network
-policy, timeouts and size cap), redirects not followed. The answer becomes one
-``record_poll_results`` outcome with ``submitted: true``:
+policy, timeouts and size cap), redirects not followed. A submit that hands the remote
+``{callback_url}`` has ``<task_id>.<digest of the callback token>``: a retry gives the
+task a new token, so its submit carries a new URL and needs a key of its own. The answer
+becomes one ``record_poll_results`` outcome with ``submitted: true``:
 
 - a handle (``worker.remote.handles``): the job is started, polled from then on;
 - an answer that already says completed or failed (a synchronous API): the task ends;
@@ -15,6 +17,7 @@ policy, timeouts and size cap), redirects not followed. The answer becomes one
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -160,7 +163,7 @@ class Submitter:
         headers = {name: fill_placeholders(value, values) for name, value in stored.items()}
         if problem := headers_problem(headers, "submit"):
             raise _NotSendable(problem)
-        headers[IDEMPOTENCY_HEADER] = task.task_id
+        headers[IDEMPOTENCY_HEADER] = idempotency_key(task)
         data = None
         if task.submit_body is not None:
             data = json.dumps(fill_placeholders(json.loads(task.submit_body), values)).encode()
@@ -198,6 +201,14 @@ class Submitter:
         seconds = task.poll_interval_seconds if wait is None else wait
         return max(self.settings.min_poll_interval_seconds, seconds)
 
+
+def idempotency_key(task: ClaimedTask) -> str:
+    """The submit's Idempotency-Key: the task id, the same for each send of one run; with
+    the digest of the callback token when the submit hands it over (new on retry)."""
+    if task.callback_token is None:
+        return task.task_id
+    digest = hashlib.sha256(task.callback_token.encode()).hexdigest()[:16]
+    return f"{task.task_id}.{digest}"
 
 
 def _failed(code: Literal["submit_failed", "invalid_response"], reason: str, message: str,
