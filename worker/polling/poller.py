@@ -181,7 +181,7 @@ class Poller:
             retry = retry_outcome(self.settings, task, self.rand, "http_status", f"HTTP {code}",
                                   wait=wait)
             if code == 429 and wait is not None:
-                retry["retry_after_seconds"] = wait  # pauses the host, not only the task
+                retry["retry_after_seconds"] = wait  # its owner's tasks on the host pause too
             return seen | retry
         if 400 <= code < 500:
             message = f"The status endpoint refused the request (HTTP {code})."

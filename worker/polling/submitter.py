@@ -113,7 +113,7 @@ class Submitter:
             retry = retry_outcome(self.settings, task, self.rand, "http_status",
                                   f"HTTP {status}", wait=wait)
             if status == 429 and wait is not None:
-                retry["retry_after_seconds"] = wait  # pauses the host, not only the task
+                retry["retry_after_seconds"] = wait  # its owner's tasks on the host pause too
             return seen | retry
         if not (200 <= status < 300 or status == 303):
             message = f"The remote refused the request that starts the job (HTTP {status})."
