@@ -100,8 +100,9 @@ class TaskCreate(BaseModel):
     idempotency_key: IdempotencyKey | None = None
     metadata: JsonObject | None = None
     submit_url: Url | None = Field(
-        None, description="Taskman starts the job: sent once, with Idempotency-Key: <task_id>; "
-        "the answer's handle becomes poll_url.")
+        None, description="Taskman starts the job: sent once, with Idempotency-Key: <task_id> "
+        "(<task_id>.<16 hex> when it hands {callback_url}); the answer's handle becomes "
+        "poll_url.")
     submit_method: Method | None = Field(None, description="POST (default), PUT, PATCH or GET.")
     submit_headers: dict[HeaderName, HeaderValue] | None = Field(
         None, description="Headers sent with the submit; write-only, never returned. "

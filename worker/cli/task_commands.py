@@ -212,7 +212,8 @@ def add_task_commands(
     create.add_argument("--callback-url", help="notified when the task ends")
     create.add_argument("--idempotency-key")
     create.add_argument("--submit-url", help="Taskman starts the job: sent once, with "
-                        "Idempotency-Key: <task_id>; its answer gives the status URL")
+                        "an Idempotency-Key (README: Taskman starts the job); its answer "
+                        "gives the status URL")
     create.add_argument("--submit-method", help="submit method (POST)")
     create.add_argument("--submit-header", action="append", type=_header, default=[],
                         metavar="'NAME: VALUE'", help="submit header (repeatable; kept secret)")
