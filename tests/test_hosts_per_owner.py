@@ -202,3 +202,24 @@ def test_users_see_only_what_their_own_requests_met(conn, api) -> None:
     everything = {h["host"]: h for h in
                   conn.execute("select taskman.host_status() as s").fetchone()["s"]}
     assert everything[key]["owners_held"] == 2 and everything[limited]["rate_limit"] == 2
+
+
+def test_a_workers_own_count_holds_claims_until_the_record_and_then_forgets() -> None:
+    """LocalCircuits: a tripped owner withholds what was claimed before its record
+    committed, not what was claimed after; a count no waiting claim needs is dropped."""
+    from worker.polling.hosts import LocalCircuits
+    circuits = LocalCircuits(threshold=2, lease_seconds=0.05)
+    failure, host = {"http_status": 503}, "https://h.example.com:443"
+    claimed_before = time.monotonic()
+    circuits.observe(host, USER_B, failure)
+    circuits.observe(host, USER_C, failure)  # one failure: C below the threshold
+    assert not circuits.withheld(host, USER_B, claimed_before)
+    circuits.observe(host, USER_B, failure)
+    assert circuits.withheld(host, USER_B, claimed_before)
+    assert not circuits.withheld(host, USER_A, claimed_before)  # one owner: not the host's
+    circuits.recorded(3)
+    assert circuits.withheld(host, USER_B, claimed_before)
+    assert not circuits.withheld(host, USER_B, time.monotonic())  # admitted knowing it
+    time.sleep(0.1)
+    circuits.recorded(3)
+    assert circuits._runs == {}  # B settled and C's lone failure, both older than a lease

@@ -25,7 +25,7 @@ import psycopg
 from worker import store
 from worker.config import Settings
 from worker.notify.delivery import Delivery
-from worker.polling.hosts import SERVICE, HostGate, host_verdict
+from worker.polling.hosts import HostGate, host_verdict, owner_key
 from worker.remote.host_keys import host_key
 
 # How stale the list of open and paused hosts may be.
@@ -104,7 +104,7 @@ class CallbackHosts:
     def _watched_keys(self, key: str, owner: str | None) -> list[str]:
         """The circuits known to restrict a callback to `key` for `owner`: the owner's
         own, then the host's."""
-        return [k for k in (f"{key}#{owner or SERVICE}", key) if k in self._states]
+        return [k for k in (owner_key(key, owner), key) if k in self._states]
 
     async def report(self, conn: psycopg.AsyncConnection[Any],
                      finished: Sequence[tuple[int, str | None, str | None, Delivery]]
@@ -112,15 +112,16 @@ class CallbackHosts:
         """Record what finished ``(outbox_id, callback_url, owner, delivery)`` callbacks
         say about their hosts; returns the ids of failed probes given back to the outbox
         instead (not to be recorded: they spend no attempt)."""
-        outcomes = [{"host": host_key(url), "owner": owner, "http_status": d.http_status,
+        keys = [host_key(url) for _, url, _, _ in finished]
+        outcomes = [{"host": key, "owner": owner, "http_status": d.http_status,
                      "reason": d.reason, "retry_after_seconds": d.retry_after_seconds}
-                    for _, url, owner, d in finished]
+                    for key, (_, _, owner, d) in zip(keys, finished, strict=True)]
         await self._gate.report(conn, outcomes)
-        failed = [(i, host_key(url), owner)
-                  for (i, url, owner, _), o in zip(finished, outcomes, strict=True)
+        failed = [(i, key, owner)
+                  for key, (i, _, owner, _), o in zip(keys, finished, outcomes, strict=True)
                   if host_verdict(o) == "failure"]
         probes = [(i, k) for i, key, owner in failed if i in self._probes and key is not None
-                  for k in [f"{key}#{owner or SERVICE}", key]]
+                  for k in (owner_key(key, owner), key)]
         self._probes.difference_update(i for i, _, _, _ in finished)
         if failed:
             self._checked_at = -math.inf  # a circuit may have opened

@@ -39,6 +39,11 @@ HostVerdict = Literal["success", "failure"]
 SERVICE = "service"
 
 
+def owner_key(host: str, owner: str | None) -> str:
+    """The key of `owner`'s own circuit on `host` (taskman_private.owner_host)."""
+    return f"{host}#{owner or SERVICE}"
+
+
 def host_verdict(outcome: Mapping[str, Any]) -> HostVerdict | None:
     """What one request's outcome says about its host: ``failure`` for a transport
     error, a 5xx or a 429; ``success`` for any other answer (a 404 or an unreadable
@@ -144,15 +149,16 @@ def _error(outcome: Mapping[str, Any]) -> str:
 
 @dataclass
 class _Run:
-    """One owner's requests to one host since their last answer: failures in a row, and
-    when they reached the threshold (monotonic; None below it)."""
+    """One owner's requests to one host since their last answer: failures in a row, the
+    last one's time (monotonic), and the outcome that reached the threshold (its place
+    in the recorder's order; None below it)."""
 
     failures: int = 0
-    tripped_at: float | None = None
+    failed_at: float = 0.0
+    trip_seq: int | None = None
     # Claims that began before this moment were admitted before the database knew: they
     # stay unsent. +inf until a record that holds the tripping failure has committed.
     settled_at: float = float("inf")
-    trip_seq: int = 0
 
 
 class LocalCircuits:
@@ -187,22 +193,23 @@ class LocalCircuits:
             return
         run = self._runs.setdefault(host, {}).setdefault(owner or SERVICE, _Run())
         run.failures += 1
-        if run.failures >= self.threshold and run.tripped_at is None:
-            run.tripped_at, run.trip_seq = time.monotonic(), self._seen
+        run.failed_at = time.monotonic()
+        if run.failures >= self.threshold and run.trip_seq is None:
+            run.trip_seq = self._seen
 
     def recorded(self, upto: int) -> None:
         """The database has taken the first `upto` outcomes observed: circuits they
-        tripped are open there now, and later claims are admitted knowing it."""
+        tripped are open there now, and later claims are admitted knowing it. A run
+        that no claim still waiting can be held by (its last failure, or the record that
+        settled it, older than a lease) is forgotten: the database keeps the count."""
         now = time.monotonic()
         for host, owners in list(self._runs.items()):
             for owner, run in list(owners.items()):
-                if run.tripped_at is None:
-                    continue
-                if run.settled_at == float("inf"):
+                if run.trip_seq is not None and run.settled_at == float("inf"):
                     if run.trip_seq <= upto:
                         run.settled_at = now
-                elif now - run.settled_at > self.lease_seconds:
-                    del owners[owner]  # nothing claimed before it can still be waiting
+                elif now - min(run.settled_at, run.failed_at) > self.lease_seconds:
+                    del owners[owner]
             if not owners:
                 del self._runs[host]
 
@@ -214,5 +221,5 @@ class LocalCircuits:
         if not owners:
             return False
         tripped = {o for o, run in owners.items()
-                   if run.tripped_at is not None and claimed_at < run.settled_at}
+                   if run.trip_seq is not None and claimed_at < run.settled_at}
         return (owner or SERVICE) in tripped or SERVICE in tripped or len(tripped) >= 2
