@@ -53,12 +53,13 @@ def test_one_owners_retry_after_of_a_day_leaves_another_owners_polling_alone(
         b = create_as(api, USER_B, poll_url=remote.url("/b"))
         wait_until(lambda: (row := owner_row(conn, key, USER_B)) and row["paused_until"])
         paused_at = time.monotonic()
-        time.sleep(3)
+        time.sleep(6)
         end = time.monotonic()
 
-    # A keeps its pace (one poll a second) after B's 429; before, A got 0 polls in 12 s.
-    assert polls_between(remote, "/a", paused_at, end) >= 2
-    assert polls_between(remote, "/a", start, end) >= 3
+    # A keeps its pace (one poll a second, a loaded machine's latency aside) after B's 429;
+    # before, A got 0 polls in 12 s.
+    assert polls_between(remote, "/a", paused_at, end) >= 3
+    assert polls_between(remote, "/a", start, end) >= 4
     paused = owner_row(conn, key, USER_B)
     now = conn.execute("select now() as n").fetchone()["n"]
     assert 20 < (paused["paused_until"] - now).total_seconds() <= 30  # capped at the setting
