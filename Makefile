@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.prepared
 	$(BIN)/python -m bench.worker_memory
 	$(BIN)/python -m bench.guards
+	$(BIN)/python -m bench.history_scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

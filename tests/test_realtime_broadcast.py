@@ -37,7 +37,8 @@ def _set_mode(conn, mode: str) -> str:
 
 
 def test_each_visible_change_is_one_message_on_its_owners_topic(supabase, api) -> None:
-    assert supabase.execute("select taskman.realtime_mode() as m").fetchone()["m"] == "changes"
+    # Installed before Realtime was there: no mode until one is chosen.
+    assert supabase.execute("select taskman.realtime_mode() as m").fetchone()["m"] == "none"
     assert _set_mode(supabase, "broadcast") == "broadcast"
     assert not _published(supabase)
 
@@ -97,6 +98,7 @@ def test_only_the_owner_may_receive_its_topic(supabase, api) -> None:
 
 def test_in_broadcast_mode_retention_deletes_whole_tasks_and_sends_nothing(
         supabase, database_url) -> None:
+    _set_mode(supabase, "changes")
     kept = create_task(supabase)["task_id"]
     _finish(supabase, kept, "10 days")
     pruned = taskman(database_url, "prune", "--older-than", "7d")
@@ -140,8 +142,8 @@ def test_broadcast_needs_supabase_realtime_and_changes_nothing_without_it(conn) 
         _set_mode(conn, "broadcast")
     assert err.value.sqlstate == "22023"
     assert "needs Supabase Realtime (realtime.send)" in err.value.diag.message_primary
-    assert _published(conn)
-    assert conn.execute("select taskman.realtime_mode() as m").fetchone()["m"] == "changes"
+    assert not _published(conn)
+    assert conn.execute("select taskman.realtime_mode() as m").fetchone()["m"] == "none"
 
 
 def test_an_unknown_mode_is_refused(conn) -> None:
@@ -156,16 +158,23 @@ def test_api_users_cannot_switch_the_mode(supabase, api, role, sub) -> None:
     with pytest.raises(psycopg.Error) as err, api.request(role, sub) as cur:
         cur.execute("select taskman.set_realtime_mode('broadcast')")
     assert err.value.sqlstate == "42501"
-    assert _published(supabase)
+    assert supabase.execute("select taskman.realtime_mode() as m").fetchone()["m"] == "none"
 
 
 def test_the_cli_switches_and_reports_the_mode(supabase, database_url) -> None:
-    assert taskman(database_url, "realtime").stdout.startswith("realtime: changes")
+    assert taskman(database_url, "realtime").stdout.startswith("realtime: none")
     switched = taskman(database_url, "realtime", "broadcast")
     assert switched.returncode == 0, switched.stderr
     assert switched.stdout.startswith("realtime: broadcast")
     assert not _published(supabase)
-    assert taskman(database_url, "realtime", "changes").stdout.startswith("realtime: changes")
+    changes = taskman(database_url, "realtime", "changes")
+    assert changes.stdout.startswith("realtime: changes")
+    assert _published(supabase)
+    # The cost is said where the choice is made.
+    assert "retention keeps every finished task row" in changes.stdout
+    assert "Supabase recommends Broadcast" in changes.stdout
+    helped = " ".join(taskman(database_url, "realtime", "--help").stdout.split())
+    assert "retention keeps every finished task row" in helped
 
 
 def test_the_cli_explains_a_refusal(conn, database_url) -> None:

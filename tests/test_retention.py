@@ -115,8 +115,9 @@ def test_retention_days_zero_keeps_everything(database_url) -> None:
 
 def _stream_tasks_with_realtime(conn) -> None:
     """Make the database look like a Supabase project whose Realtime streams taskman.tasks:
-    the `realtime` schema is there and taskman.tasks is in supabase_realtime."""
+    the `realtime` schema is there and taskman.tasks is in supabase_realtime (changes mode)."""
     emulate_supabase_realtime(conn)
+    conn.execute("select taskman.set_realtime_mode('changes')")
     assert conn.execute("select count(*) as n from pg_publication_tables"
                         " where pubname = 'supabase_realtime' and schemaname = 'taskman'"
                         " and tablename = 'tasks'").fetchone()["n"] == 1

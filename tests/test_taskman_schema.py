@@ -197,8 +197,10 @@ def test_nothing_of_taskman_is_left_in_public(database_url: str) -> None:
     assert _taskman_objects_in_public(database_url) == []
 
 
-def test_realtime_publishes_taskman_tasks(database_url: str) -> None:
+def test_without_realtime_a_new_install_leaves_taskman_tasks_unpublished(
+        database_url: str) -> None:
     with _connect(database_url) as conn:
         published = conn.execute("select schemaname, tablename from pg_publication_tables"
                                  " where pubname = 'supabase_realtime'").fetchall()
-    assert published == [{"schemaname": "taskman", "tablename": "tasks"}]
+        mode = conn.execute("select taskman.realtime_mode() as m").fetchone()["m"]
+    assert (published, mode) == ([], "none")

@@ -75,6 +75,32 @@ end
 $$;
 revoke all on function taskman_private.issue_callback_token from public, anon, authenticated;
 
+-- A UUID version 7 (RFC 9562): the Unix time in milliseconds (48 bits), the version, the
+-- sub-millisecond fraction (12 bits, RFC 9562's method 3, as PostgreSQL 18's uuidv7()),
+-- the variant and 62 random bits from gen_random_uuid() (the server's strong random
+-- source). Task ids are made this way so that a new task's index entries (the primary
+-- keys of tasks, task_private and task_schedule; task_events by task) go beside the
+-- previous task's, on pages in memory, rather than on a random page of each index. An
+-- id tells when its task was created, and its random bits keep it unguessable; it is no
+-- credential either way: RLS decides who reads a task, the callback token who reports on
+-- it. The same function on every server version (PostgreSQL 18's own uuidv7() saves
+-- about 2 microseconds a call, under 1% of a create_task).
+create or replace function taskman_private.uuidv7()
+returns uuid
+language plpgsql volatile parallel safe
+set search_path = ''
+as $$
+declare
+  micros bigint := (extract(epoch from pg_catalog.clock_timestamp()) * 1000000)::bigint;
+begin
+  return pg_catalog.encode(
+    pg_catalog.int8send((micros / 1000) * 65536 + 28672 + (micros % 1000) * 4096 / 1000)
+      || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 9),
+    'hex')::uuid;
+end
+$$;
+revoke all on function taskman_private.uuidv7 from public, anon, authenticated;
+
 -- The rules of a new task, for create_task and a plain INSERT alike: the insert-only
 -- rules, the defaults, the checks. The headers are checked and left in the row: the
 -- caller stores them service-side.
@@ -101,7 +127,7 @@ begin
       'and leases are managed by Taskman and cannot be set when a task is created');
   end if;
 
-  t.task_id := coalesce(t.task_id, gen_random_uuid());
+  t.task_id := coalesce(t.task_id, taskman_private.uuidv7());
   t.status := 'pending';
   t.task_type := coalesce(t.task_type, 'generic');
   t.poll_method := upper(coalesce(t.poll_method, 'GET'));
@@ -643,62 +669,3 @@ as $$
 $$;
 revoke all on function taskman.retry_task from public, anon;
 grant execute on function taskman.retry_task to authenticated, service_role;
-
--- Figures over the tasks the caller may see (RLS applies: security invoker).
-create or replace function taskman_private.task_stats(since timestamptz default now() - interval '7 days')
-returns jsonb
-language sql stable security invoker
-set search_path = ''
-as $$
-  with scoped as (
-    select t.status, t.created_at, t.completed_at
-    from taskman.tasks t
-    where t.created_at >= task_stats.since
-  ),
-  by_status as (
-    select coalesce(jsonb_object_agg(s.status, coalesce(c.n, 0)), '{}') as counts
-    from unnest(array['pending', 'in_progress', 'completed', 'failed', 'cancelled']) as s(status)
-    left join (select status, count(*) as n from scoped group by status) c using (status)
-  ),
-  daily as (
-    select coalesce(jsonb_agg(jsonb_build_object('day', d.day, 'completed', d.completed,
-                                                 'failed', d.failed) order by d.day), '[]') as days
-    from (
-      select date_trunc('day', completed_at at time zone 'UTC')::date as day,
-             count(*) filter (where status = 'completed') as completed,
-             count(*) filter (where status = 'failed') as failed
-      from scoped
-      where status in ('completed', 'failed')
-      group by 1
-    ) d
-  ),
-  durations as (
-    select percentile_cont(0.5) within group (order by extract(epoch from completed_at - created_at)) as median,
-           percentile_cont(0.95) within group (order by extract(epoch from completed_at - created_at)) as p95
-    from scoped where status = 'completed'
-  )
-  select jsonb_build_object(
-    'since', task_stats.since,
-    'total', (select count(*) from scoped),
-    'by_status', (select counts from by_status),
-    'success_rate', (select round(count(*) filter (where status = 'completed')::numeric
-                                  / nullif(count(*) filter (where status in ('completed', 'failed')), 0), 4)
-                     from scoped),
-    'daily', (select days from daily),
-    'duration_seconds', (select jsonb_build_object('median', median, 'p95', p95) from durations))
-$$;
-revoke all on function taskman_private.task_stats from public, anon;
-grant execute on function taskman_private.task_stats to authenticated, service_role;
-
-create or replace function taskman.task_stats(since timestamptz default now() - interval '7 days')
-returns jsonb
-language plpgsql stable security invoker
-set search_path = ''
-as $$
-begin
-  perform taskman_private.require_user();
-  return taskman_private.task_stats(task_stats.since);
-end
-$$;
-revoke all on function taskman.task_stats from public, anon;
-grant execute on function taskman.task_stats to authenticated, service_role;

@@ -1,18 +1,18 @@
--- Supabase Realtime: frontends follow their tasks live. By default taskman.tasks is in
--- the supabase_realtime publication (Postgres Changes; RLS filters what each subscriber
--- receives), and retention keeps the task rows (Realtime would send each deleted row to
--- every subscriber). In broadcast mode (set_realtime_mode('broadcast')) the table leaves
--- the publication and each insert and visible change is sent instead with realtime.send
--- (Realtime Broadcast from the database) as the task JSON, on the private topic
--- `taskman:tasks:<owner's user id>`, which only that owner may receive (a policy on
--- realtime.messages, made by set_realtime_mode). Deletes send nothing, so retention
--- deletes whole tasks. Polls with no news write no task row, so they send nothing
--- either way. realtime.send never raises (it turns a failure into a warning), so a
--- broadcast that cannot be sent never fails the worker's batch.
-
--- taskman.tasks in the supabase_realtime publication (Supabase has it; on plain
--- PostgreSQL sql/supabase_compat.sql creates it).
-alter publication supabase_realtime add table taskman.tasks;
+-- Supabase Realtime: frontends follow their tasks live. A new install uses Realtime
+-- Broadcast (the mode Supabase recommends for scale and security): each insert and
+-- visible change is sent with realtime.send (Broadcast from the database) as the task
+-- JSON, on the private topic `taskman:tasks:<owner's user id>`, which only that owner may
+-- receive (a policy on realtime.messages, made by set_realtime_mode). Deletes send
+-- nothing, so retention deletes whole tasks. In changes mode (set_realtime_mode('changes'))
+-- taskman.tasks is in the supabase_realtime publication instead (Postgres Changes; RLS
+-- filters what each subscriber receives), and retention keeps the task rows (Realtime
+-- would send each deleted row to every subscriber). Polls with no news write no task row,
+-- so they send nothing either way. realtime.send never raises (it turns a failure into a
+-- warning), so a broadcast that cannot be sent never fails the worker's batch.
+-- Without Supabase Realtime (plain PostgreSQL; sql/supabase_compat.sql makes an empty
+-- supabase_realtime publication) the mode is none: nothing carries task changes and
+-- retention deletes whole tasks. A database upgraded from a version whose default was
+-- Postgres Changes keeps the mode it had; the end of this file states a new install.
 
 -- Whether supabase_realtime carries taskman.tasks (listed, by schema, or all tables).
 create or replace function taskman_private.tasks_in_realtime_publication()
@@ -201,3 +201,16 @@ end
 $$;
 revoke all on function taskman.set_realtime_mode from public, anon, authenticated;
 grant execute on function taskman.set_realtime_mode to service_role;
+
+-- A new install: Broadcast where Supabase Realtime can send it. Where set_realtime_mode
+-- refuses it, Postgres Changes when Realtime is there (the only way task changes reach
+-- frontends then), else none: taskman.tasks stays out of supabase_realtime.
+do $$
+begin
+  perform taskman.set_realtime_mode('broadcast');
+exception when invalid_parameter_value then
+  if pg_catalog.to_regclass('realtime.subscription') is not null then
+    perform taskman.set_realtime_mode('changes');
+  end if;
+end
+$$;

@@ -58,7 +58,8 @@ def cmd_prune(conninfo: str, args: argparse.Namespace) -> int:
     print(f"{verb} {hosts:,} idle hosts and {alerts:,} host alerts delivered or given up")
     if rows_kept:
         print("task rows kept: Supabase Realtime streams taskman.tasks and would send every"
-              " deleted row to every subscriber (README: Retention)")
+              " deleted row to every subscriber; `taskman realtime broadcast` lets them go"
+              " (README: Retention)")
     return 0
 
 
