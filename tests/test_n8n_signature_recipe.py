@@ -120,7 +120,7 @@ def callbacks(conn, api, database_url) -> Iterator[dict[str, Resumed]]:
         }
     finally:
         worker.terminate()
-        worker.wait(15)
+        worker.communicate(timeout=30)  # reads its stderr meanwhile: a full pipe cannot stall it
         receiver.stop()
 
 
