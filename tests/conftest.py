@@ -80,11 +80,11 @@ def server_url() -> Iterator[str]:
 
 
 @contextmanager
-def cloned_database(server_url: str, kind: str) -> Iterator[str]:
-    """A fresh, migrated database (a clone of the template) until the block ends."""
+def cloned_database(server_url: str, kind: str, template: str = TEMPLATE) -> Iterator[str]:
+    """A fresh, migrated database (a clone of `template`) until the block ends."""
     name = f"taskman_{kind}_{os.getpid()}_{next(_counter)}"
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"create database {name} template {TEMPLATE}")
+        conn.execute(f"create database {name} template {template}")
     try:
         yield _with_database(server_url, name)
     finally:

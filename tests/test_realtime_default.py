@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import _postgrest, _with_database, database_before
+from tests.conftest import _postgrest, _with_database, cloned_database, database_before
 from tests.factories import USER_A, create_task, task_row
 from tests.supabase_realtime import emulate_supabase_realtime
 from tests.test_cli import taskman
@@ -60,15 +60,8 @@ def supabase_template(server_url: str) -> Iterator[str]:
 @pytest.fixture
 def supabase_url(server_url: str, supabase_template: str) -> Iterator[str]:
     """A new install on a Supabase project, for one test."""
-    name = f"taskman_supabase_{os.getpid()}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f"drop database if exists {name} with (force)")
-        admin.execute(f"create database {name} template {supabase_template}")
-    try:
-        yield _with_database(server_url, name)
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f"drop database if exists {name} with (force)")
+    with cloned_database(server_url, "supabase", supabase_template) as url:
+        yield url
 
 
 def _one_retention_round(url: str) -> int:
